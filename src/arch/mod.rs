@@ -1,0 +1,228 @@
+//! Page-table formats: geometry constants plus an architecture-neutral view of
+//! one entry.
+//!
+//! A format is split in two so one walker serves CPU tables and device tables
+//! alike: [`PagingGeometry`] says how a virtual address is cut into indices, and
+//! [`PteFormat`] converts a raw 64-bit entry to and from a [`PteView`].
+//!
+//! Levels are numbered from the bottom: level 0 holds 4 KiB (page-sized)
+//! leaves, level `LEVELS - 1` is the root table.
+
+pub mod x86_64;
+
+use bitflags::bitflags;
+
+/// The most levels any supported geometry may have (device tables of the
+/// 2016 HMM design used up to six).
+pub const MAX_LEVELS: usize = 6;
+
+/// How a virtual address is split into table indices.
+///
+/// Implementations are plain constants; [`check_geometry`] validates them and
+/// formats pin it with `static_assertions::const_assert!`.
+pub trait PagingGeometry {
+    /// Number of table levels, 1 to [`MAX_LEVELS`].
+    const LEVELS: usize;
+    /// log2 of the smallest page size (12 for 4 KiB).
+    const PAGE_SHIFT: u32;
+    /// Index bits of each level, bottom first; entries past `LEVELS` are unused.
+    /// The root level may use fewer bits than its table could hold.
+    const INDEX_BITS: [u32; MAX_LEVELS];
+    /// Width of a virtual address: `PAGE_SHIFT + sum(INDEX_BITS[..LEVELS])`.
+    const VA_BITS: u32;
+    /// Whether addresses are sign-extended from bit `VA_BITS - 1` (x86_64,
+    /// RISC-V Sv*); if false, valid addresses are `0 .. 2^VA_BITS`.
+    const SIGN_EXTEND: bool;
+    /// Bit `l` set: level `l` may hold a leaf.
+    const LEAF_LEVELS: u32;
+
+    /// log2 of the span one entry at `level` maps.
+    #[inline]
+    fn level_shift(level: usize) -> u32 {
+        let mut shift = Self::PAGE_SHIFT;
+        let mut l = 0;
+        while l < level {
+            shift += Self::INDEX_BITS[l];
+            l += 1;
+        }
+        shift
+    }
+
+    /// Index of `va` in its table at `level`.
+    #[inline]
+    fn index(va: u64, level: usize) -> usize {
+        ((va >> Self::level_shift(level)) & ((1u64 << Self::INDEX_BITS[level]) - 1)) as usize
+    }
+
+    /// Number of entries in a table at `level`.
+    #[inline]
+    fn entries(level: usize) -> usize {
+        1usize << Self::INDEX_BITS[level]
+    }
+
+    /// Whether `level` may hold a leaf.
+    #[inline]
+    fn leaf_allowed(level: usize) -> bool {
+        Self::LEAF_LEVELS & (1 << level) != 0
+    }
+
+    /// Whether `va` is canonical in this geometry.
+    #[inline]
+    fn is_canonical(va: u64) -> bool {
+        if Self::SIGN_EXTEND {
+            let shift = 64 - Self::VA_BITS;
+            (((va << shift) as i64) >> shift) as u64 == va
+        } else {
+            Self::VA_BITS >= 64 || va >> Self::VA_BITS == 0
+        }
+    }
+}
+
+/// Validates a geometry at compile time: level count, bit budget, table sizes
+/// that fit a page of 8-byte entries, and a leaf level at the bottom.
+pub const fn check_geometry(
+    levels: usize,
+    page_shift: u32,
+    index_bits: [u32; MAX_LEVELS],
+    va_bits: u32,
+    leaf_levels: u32,
+) -> bool {
+    if levels == 0 || levels > MAX_LEVELS || page_shift < 12 || va_bits > 64 {
+        return false;
+    }
+    let mut sum = page_shift;
+    let mut l = 0;
+    while l < levels {
+        // A table must fit one page of 8-byte entries.
+        if index_bits[l] == 0 || index_bits[l] > page_shift - 3 {
+            return false;
+        }
+        sum += index_bits[l];
+        l += 1;
+    }
+    sum == va_bits && leaf_levels & 1 == 1 && leaf_levels >> levels == 0
+}
+
+bitflags! {
+    /// Permissions and status of a leaf, independent of the architecture.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct LeafFlags: u16 {
+        /// Readable (on x86_64 every present entry is readable).
+        const READ = 1 << 0;
+        /// Writable.
+        const WRITE = 1 << 1;
+        /// Executable.
+        const EXEC = 1 << 2;
+        /// Accessible from user mode; devices mirror user mappings only.
+        const USER = 1 << 3;
+        /// Hardware set: the page was accessed.
+        const ACCESSED = 1 << 4;
+        /// Hardware set: the page was written.
+        const DIRTY = 1 << 5;
+        /// Global translation (kept for round trips; devices ignore it).
+        const GLOBAL = 1 << 6;
+    }
+}
+
+/// A software non-present entry: the CPU faults on it, the kernel and
+/// hmm-core read what it stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SpecialEntry {
+    /// The page was swapped out; `offset` is the kernel's swap slot.
+    Swap {
+        /// Kernel-defined swap location.
+        offset: u64,
+    },
+    /// The page is being migrated; accesses wait for the migration.
+    Migration {
+        /// Frame being migrated from.
+        frame: u64,
+        /// Whether the mapping was writable before migration.
+        write: bool,
+    },
+    /// The page lives in device-private memory the CPU cannot reach.
+    DevicePrivate {
+        /// Device frame (in the device's physical space).
+        frame: u64,
+        /// Small id of the owning device.
+        owner: u16,
+        /// Whether the mapping is writable.
+        write: bool,
+    },
+    /// A device holds exclusive (atomic) access to this system frame.
+    DeviceExclusive {
+        /// The system frame.
+        frame: u64,
+        /// Small id of the device holding exclusive access.
+        owner: u16,
+        /// Whether the mapping is writable.
+        write: bool,
+    },
+    /// A non-present entry this crate does not interpret (the kernel's own
+    /// encoding). Treated as "not present, the kernel's fault handler knows".
+    Other(u64),
+}
+
+/// An architecture-neutral view of one page-table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PteView {
+    /// Nothing mapped (raw value 0).
+    Absent,
+    /// Points to the next-level table at physical address `frame`.
+    Table {
+        /// Physical address of the next table.
+        frame: u64,
+        /// The most a leaf below may allow: a permission missing here (WRITE,
+        /// USER, EXEC) is missing for every translation through this entry.
+        flags: LeafFlags,
+    },
+    /// Maps `frame` (aligned to the span of the entry's level).
+    Leaf {
+        /// Physical address of the mapped frame.
+        frame: u64,
+        /// Permissions and status bits.
+        flags: LeafFlags,
+    },
+    /// PROT_NONE: a mapping the kernel keeps (frame and former flags) but that
+    /// user mode and devices must not access.
+    ProtNone {
+        /// Physical address of the frame.
+        frame: u64,
+        /// The flags the mapping would have once access is restored.
+        flags: LeafFlags,
+    },
+    /// A software non-present entry.
+    Special(SpecialEntry),
+    /// A present entry this format declares malformed (e.g. a huge bit at a
+    /// level that cannot hold leaves). Treated as inaccessible.
+    Invalid(u64),
+}
+
+/// Converts raw entries of one page-table format to and from [`PteView`].
+///
+/// # Safety
+/// The walker trusts a format to describe real hardware tables, so an
+/// implementation must guarantee:
+/// 1. `decode(0, l)` is [`PteView::Absent`] and `encode(&PteView::Absent, l)` is
+///    `Ok(0)` for every level `l`.
+/// 2. `decode` returns [`PteView::Table`] only at levels above 0, and only for
+///    entries the hardware follows to a next-level table at exactly that frame.
+/// 3. `decode` returns [`PteView::Leaf`] only at levels where
+///    `G::leaf_allowed(level)` holds, with a frame aligned to the level's span,
+///    and only for entries the hardware translates to that frame with at most
+///    the permissions reported.
+/// 4. Round trip: for every view `v` and level `l`, if `encode(&v, l)` is
+///    `Ok(raw)` then `decode(raw, l) == v`.
+/// 5. Both functions are pure (no side effects, same output for same input).
+pub unsafe trait PteFormat {
+    /// The geometry this format's tables follow.
+    type Geometry: PagingGeometry;
+
+    /// Reads a raw entry found at `level`.
+    fn decode(raw: u64, level: usize) -> PteView;
+
+    /// Produces the raw entry for `view` at `level`, or
+    /// [`crate::Error::Unencodable`].
+    fn encode(view: &PteView, level: usize) -> crate::Result<u64>;
+}

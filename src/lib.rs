@@ -1,0 +1,36 @@
+//! # hmm-core
+//!
+//! Heterogeneous Memory Management for hobby and research kernels: keep a
+//! device's view of a process address space coherent with the CPU's page
+//! tables.
+//!
+//! Layers, each usable without the ones above it:
+//! - [`arch`]: page-table formats (geometry + an architecture-neutral entry
+//!   view); x86_64 4- and 5-level.
+//! - [`pt`]: a generic range walker over any format and the per-page snapshot.
+//! - [`PhysMem`] and [`FrameAllocator`]: the seams to the kernel's memory.
+//!
+//! The crate is `#![no_std]`, needs no allocator, and keeps no global state.
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn, missing_docs)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod arch;
+mod error;
+mod frame;
+mod phys;
+pub mod pt;
+mod range;
+
+pub use error::{Error, Result};
+pub use frame::{BitmapFrameAllocator, FrameAllocator, FRAME_SIZE};
+pub use phys::{OffsetPhysMem, PhysMem};
+pub use range::VaRange;
+pub mod notifier;
+mod space;
+pub mod sync;
+
+pub use notifier::{Event, InvalidateRange, Interval, Notifier, NotifierRegistry};
+pub use space::{AddressSpace, Region, RegionFlags};

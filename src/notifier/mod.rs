@@ -1,0 +1,133 @@
+//! Interval notifiers with sequence retry.
+//!
+//! A device driver registers a [`Notifier`] over a virtual range. The kernel
+//! brackets every page-table change with
+//! [`NotifierRegistry::invalidate_range_start`] /
+//! [`NotifierRegistry::invalidate_range_end`]; each overlapping notifier's
+//! callback tears down device mappings and calls [`Interval::set_seq`] under
+//! its driver lock. A device fault brackets its walk with
+//! [`NotifierRegistry::read_begin`] and [`NotifierRegistry::read_retry`] (the
+//! latter under the same driver lock) and retries when they differ.
+//!
+//! # Where a kernel must call the hooks
+//! Before (start) and after (end) every change that removes, replaces or
+//! downgrades a user translation: unmap (`Event::Unmap`), zap without unmap
+//! (`Clear`), mprotect (`ProtectionVma`), per-page protection or COW break
+//! (`ProtectionPage`), soft-dirty tracking (`SoftDirty`), page migration or
+//! reclaim (`Migrate`), device-exclusive conversion (`Exclusive`), and address
+//! space teardown ([`NotifierRegistry::release`]). Frames may be freed only
+//! after `invalidate_range_start` returned (and the CPU TLB was flushed).
+//!
+//! # Lock order
+//! address-space read lock -> driver update lock -> registry lock.
+//! The registry lock is a short spin lock never held across a callback or a
+//! wait. Invalidation callbacks take only the driver update lock; they never
+//! allocate and never wait on a fault-side lock.
+
+mod index;
+mod registry;
+mod store;
+
+pub use registry::{Invalidation, NotifierRegistry};
+pub use store::{Entry, EntryStore, FixedStore};
+#[cfg(feature = "alloc")]
+pub use store::VecStore;
+
+pub use crate::sync::Waiter;
+use crate::range::VaRange;
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+/// Why translations are being invalidated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Event {
+    /// The range is being unmapped.
+    Unmap,
+    /// Pages are zapped but the region stays (e.g. MADV_DONTNEED).
+    Clear,
+    /// Protection of a whole region changes (mprotect).
+    ProtectionVma,
+    /// Protection of individual pages changes (COW break, write-protect).
+    ProtectionPage,
+    /// Soft-dirty tracking clears write access.
+    SoftDirty,
+    /// The whole address space is going away.
+    Release,
+    /// Pages migrate; `owner` is the device that started it (it may skip).
+    Migrate {
+        /// Device id that initiated the migration.
+        owner: u16,
+    },
+    /// A device takes exclusive access; `owner` is that device.
+    Exclusive {
+        /// Device id taking exclusive access.
+        owner: u16,
+    },
+}
+
+/// One invalidation as a callback sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidateRange {
+    /// Addresses whose translations change.
+    pub range: VaRange,
+    /// Why.
+    pub event: Event,
+    /// Whether the callback may wait (take a sleeping lock). When false (the
+    /// OOM reaper's case), a callback that would have to wait returns false.
+    pub blockable: bool,
+}
+
+/// A registered interval's state: its range and its sequence.
+///
+/// Embed one in the driver's notifier object.
+#[derive(Debug)]
+pub struct Interval {
+    range: VaRange,
+    seq: AtomicU64,
+    state: AtomicU8,
+}
+
+const UNREGISTERED: u8 = 0;
+const REGISTERED: u8 = 1;
+
+impl Interval {
+    /// An unregistered interval over `range`.
+    pub const fn new(range: VaRange) -> Self {
+        Self { range, seq: AtomicU64::new(0), state: AtomicU8::new(UNREGISTERED) }
+    }
+
+    /// The covered range.
+    pub const fn range(&self) -> VaRange {
+        self.range
+    }
+
+    /// Records that an invalidation with sequence `cur_seq` has run. Call it
+    /// from the callback, under the driver update lock, every time.
+    pub fn set_seq(&self, cur_seq: u64) {
+        self.seq.store(cur_seq, Ordering::Release);
+    }
+
+    /// Whether the interval is registered (or pending registration).
+    pub fn is_registered(&self) -> bool {
+        self.state.load(Ordering::Acquire) == REGISTERED
+    }
+
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+}
+
+/// A driver's invalidation callback over one [`Interval`].
+pub trait Notifier: Sync {
+    /// The interval this notifier covers.
+    fn interval(&self) -> &Interval;
+
+    /// Tears down device mappings of `inv.range` (clipped to the interval by
+    /// the callee as needed), calls `self.interval().set_seq(cur_seq)` under
+    /// the driver update lock, and returns true. Returns false only when
+    /// `inv.blockable` is false and it would have to wait.
+    ///
+    /// Must not allocate, must not wait on a fault-side lock, and must not
+    /// call back into the registry.
+    fn invalidate(&self, inv: &InvalidateRange, cur_seq: u64) -> bool;
+}

@@ -1,0 +1,11 @@
+//! Generic page-table machinery: a range walker over any
+//! ([`PteFormat`](crate::arch::PteFormat), [`PhysMem`](crate::PhysMem)) pair, the per-page
+//! snapshot built on it, and the device-side mirror table.
+
+mod pfn;
+mod snapshot;
+mod walk;
+
+pub use pfn::Pfn;
+pub use snapshot::snapshot;
+pub use walk::{walk, Span, Visitor};

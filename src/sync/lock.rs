@@ -1,0 +1,109 @@
+//! The driver update lock: the one lock a fault's commit and an invalidation
+//! callback both take.
+
+use core::cell::UnsafeCell;
+use core::ops::{Deref, DerefMut};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// A mutual-exclusion lock with no data.
+///
+/// # Safety
+/// 1. Between a `lock` (or a `try_lock` returning true) and the matching
+///    `unlock`, no other caller's `lock` returns or `try_lock` returns true.
+/// 2. `unlock` has release semantics and acquiring has acquire semantics, so
+///    writes made while holding the lock are seen by the next holder.
+pub unsafe trait RawLock: Default + Sync {
+    /// Acquires the lock, waiting as long as needed.
+    fn lock(&self);
+    /// Acquires the lock if free, without waiting.
+    fn try_lock(&self) -> bool;
+    /// Releases the lock.
+    ///
+    /// # Safety
+    /// The caller holds the lock.
+    unsafe fn unlock(&self);
+}
+
+/// A test-and-test-and-set spin lock.
+#[derive(Debug, Default)]
+pub struct SpinLock(AtomicBool);
+
+// SAFETY: the compare-exchange from false to true admits one holder at a
+// time, with Acquire; unlock stores false with Release.
+unsafe impl RawLock for SpinLock {
+    fn lock(&self) {
+        while !self.try_lock() {
+            while self.0.load(Ordering::Relaxed) {
+                core::hint::spin_loop();
+            }
+        }
+    }
+    fn try_lock(&self) -> bool {
+        self.0.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+    }
+    unsafe fn unlock(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Data guarded by a [`RawLock`].
+#[derive(Debug, Default)]
+pub struct LockCell<L: RawLock, T> {
+    lock: L,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: access to `data` happens only through a guard, which exists only
+// while the lock is held, so sharing the cell shares `T` by exclusive turns.
+unsafe impl<L: RawLock, T: Send> Sync for LockCell<L, T> {}
+
+impl<L: RawLock, T> LockCell<L, T> {
+    /// Wraps `data`.
+    pub fn new(data: T) -> Self {
+        Self { lock: L::default(), data: UnsafeCell::new(data) }
+    }
+
+    /// Locks, waiting as needed.
+    pub fn lock(&self) -> LockGuard<'_, L, T> {
+        self.lock.lock();
+        LockGuard { cell: self }
+    }
+
+    /// Locks if free.
+    pub fn try_lock(&self) -> Option<LockGuard<'_, L, T>> {
+        self.lock.try_lock().then_some(LockGuard { cell: self })
+    }
+
+    /// Exclusive access without locking (the borrow proves exclusivity).
+    pub fn get_mut(&mut self) -> &mut T {
+        self.data.get_mut()
+    }
+}
+
+/// Holds a [`LockCell`] locked; unlocks on drop.
+pub struct LockGuard<'a, L: RawLock, T> {
+    cell: &'a LockCell<L, T>,
+}
+
+impl<L: RawLock, T> Deref for LockGuard<'_, L, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard exists only while the lock is held.
+        unsafe { &*self.cell.data.get() }
+    }
+}
+
+impl<L: RawLock, T> DerefMut for LockGuard<'_, L, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: the guard exists only while the lock is held, and `&mut self`
+        // makes this the only reference through the guard.
+        unsafe { &mut *self.cell.data.get() }
+    }
+}
+
+impl<L: RawLock, T> Drop for LockGuard<'_, L, T> {
+    fn drop(&mut self) {
+        // SAFETY: the guard was created by a successful lock.
+        unsafe { self.cell.lock.unlock() }
+    }
+}

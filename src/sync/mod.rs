@@ -1,0 +1,10 @@
+//! Locking and waiting without a scheduler.
+//!
+//! hmm-core spins by default. A kernel with a scheduler plugs in its own
+//! [`RawLock`] (a sleeping mutex) and [`Waiter`] (a wait queue).
+
+mod lock;
+mod wait;
+
+pub use lock::{LockCell, LockGuard, RawLock, SpinLock};
+pub use wait::{SpinWait, Waiter};

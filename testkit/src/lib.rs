@@ -1,0 +1,1 @@
+//! Host-side test kit for hmm-core.

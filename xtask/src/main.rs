@@ -1,0 +1,49 @@
+//! Project tasks: `cargo xtask demo`, `cargo xtask test`.
+
+use std::path::{Path, PathBuf};
+use std::process::{exit, Command};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = repo_root();
+    let result = match args.first().map(String::as_str) {
+        Some("demo") => demo(&root),
+        Some("test") => test(&root),
+        _ => {
+            eprintln!("usage: cargo xtask <demo|test>");
+            exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e}");
+        exit(1);
+    }
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the repo").to_path_buf()
+}
+
+/// Runs a command in `dir`, failing with its exit status.
+fn run(dir: &Path, program: &str, args: &[&str]) -> Result<(), String> {
+    println!("xtask: {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{program} {} failed: {status}", args.join(" ")))
+    }
+}
+
+fn demo(root: &Path) -> Result<(), String> {
+    run(root, "cargo", &["run", "--quiet", "-p", "hmm-testkit", "--example", "host_demo"])
+}
+
+fn test(root: &Path) -> Result<(), String> {
+    run(root, "cargo", &["test", "--workspace", "--all-targets"])?;
+    run(root, "cargo", &["test", "--workspace", "--doc"])
+}
