@@ -34,3 +34,7 @@ pub mod sync;
 
 pub use notifier::{Event, InvalidateRange, Interval, Notifier, NotifierRegistry};
 pub use space::{AddressSpace, Region, RegionFlags};
+mod fault;
+pub use fault::{range_fault, FaultStats, RangeFault};
+mod mirror;
+pub use mirror::{DeviceOps, Mirror, MirrorConfig, MirrorStats};

@@ -9,3 +9,5 @@ mod walk;
 pub use pfn::Pfn;
 pub use snapshot::snapshot;
 pub use walk::{walk, Span, Visitor};
+mod mirror_table;
+pub use mirror_table::{MirrorEntry, MirrorTable};
