@@ -108,7 +108,8 @@ pub fn range_fault<S: AddressSpace>(
         let part = VaRange::from_inclusive(va, region.range.last().min(range.last()));
         let first = index(part.start());
         let pfns = &mut req.pfns[first..first + part.pages(page_shift) as usize];
-        match fill_region::<S>(space, region, part, pfns, req.default_flags, req.pfn_flags_mask, req.dev_private_owner)? {
+        match fill_region::<S>(space, region, part, pfns, req.default_flags, req.pfn_flags_mask, req.dev_private_owner)?
+        {
             None => {}
             Some((missing, write)) => {
                 if stuck_at == Some(missing.start()) {

@@ -32,7 +32,7 @@ pub mod notifier;
 mod space;
 pub mod sync;
 
-pub use notifier::{Event, InvalidateRange, Interval, Notifier, NotifierRegistry};
+pub use notifier::{Event, Interval, InvalidateRange, Notifier, NotifierRegistry};
 pub use space::{AddressSpace, Region, RegionFlags};
 mod fault;
 pub use fault::{range_fault, FaultStats, RangeFault};

@@ -14,7 +14,7 @@
 use crate::arch::{PagingGeometry, PteFormat};
 use crate::fault::{range_fault, RangeFault};
 use crate::frame::FrameAllocator;
-use crate::notifier::{Event, InvalidateRange, Interval, Notifier};
+use crate::notifier::{Event, Interval, InvalidateRange, Notifier};
 use crate::pt::{MirrorEntry, MirrorTable, Pfn};
 use crate::range::VaRange;
 use crate::space::AddressSpace;
@@ -269,8 +269,13 @@ where
             }
             let seq = self.space.notifiers().read_begin(&self.interval);
             let guard = self.space.read_lock();
-            let mut req =
-                RangeFault { range, default_flags: 0, pfn_flags_mask: 0, pfns: &mut *out, dev_private_owner: self.config.owner };
+            let mut req = RangeFault {
+                range,
+                default_flags: 0,
+                pfn_flags_mask: 0,
+                pfns: &mut *out,
+                dev_private_owner: self.config.owner,
+            };
             match range_fault(self.space, &guard, &self.interval, seq, &mut req) {
                 Err(Error::Busy) => {
                     retries += 1;

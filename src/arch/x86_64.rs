@@ -134,7 +134,8 @@ fn decode_present(raw: u64, level: usize, levels: usize) -> PteView {
     let is_leaf = level == 0 || raw & HUGE != 0;
     if !is_leaf {
         // Directory: A/D/G are ignored by hardware for permission purposes.
-        let flags = flags_from_raw(raw) & (LeafFlags::READ | LeafFlags::WRITE | LeafFlags::USER | LeafFlags::EXEC | LeafFlags::ACCESSED);
+        let flags = flags_from_raw(raw)
+            & (LeafFlags::READ | LeafFlags::WRITE | LeafFlags::USER | LeafFlags::EXEC | LeafFlags::ACCESSED);
         return PteView::Table { frame: raw & ADDR_MASK, flags };
     }
     if !leaf_level(level) {
@@ -180,9 +181,7 @@ fn encode_special(s: &SpecialEntry, level: usize) -> Result<u64> {
             }
             kind(KIND_SWAP) | (offset << 12)
         }
-        SpecialEntry::Migration { frame, write } => {
-            kind(KIND_MIGRATION) | frame_checked(frame, level)? | w(write)
-        }
+        SpecialEntry::Migration { frame, write } => kind(KIND_MIGRATION) | frame_checked(frame, level)? | w(write),
         SpecialEntry::DevicePrivate { frame, owner, write } => {
             // Device frames live in the device's own space: alignment to the
             // level is still required so a huge entry names one frame.

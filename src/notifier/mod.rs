@@ -29,12 +29,12 @@ mod registry;
 mod store;
 
 pub use registry::{Invalidation, NotifierRegistry};
-pub use store::{Entry, EntryStore, FixedStore};
 #[cfg(feature = "alloc")]
 pub use store::VecStore;
+pub use store::{Entry, EntryStore, FixedStore};
 
-pub use crate::sync::Waiter;
 use crate::range::VaRange;
+pub use crate::sync::Waiter;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 /// Why translations are being invalidated.

@@ -3,7 +3,7 @@
 
 use super::index::{for_each_overlap, insertion_point, rebuild};
 use super::store::{Deferred, Entry, EntryStore};
-use super::{Event, InvalidateRange, Interval, Notifier, REGISTERED, UNREGISTERED};
+use super::{Event, Interval, InvalidateRange, Notifier, REGISTERED, UNREGISTERED};
 use crate::range::VaRange;
 use crate::sync::{SpinWait, Waiter};
 use crate::{Error, Result};
@@ -250,7 +250,9 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
                 let at = insertion_point(store.entries(), op.entry.start);
                 // Room was reserved when the insert was accepted.
                 let _ = store.insert(at, op.entry);
-            } else if let Some(at) = store.entries().iter().position(|e| core::ptr::addr_eq(e.notifier.as_ptr(), op.entry.notifier.as_ptr())) {
+            } else if let Some(at) =
+                store.entries().iter().position(|e| core::ptr::addr_eq(e.notifier.as_ptr(), op.entry.notifier.as_ptr()))
+            {
                 store.remove(at);
             }
         }

@@ -33,7 +33,8 @@ impl MirrorEntry {
     /// A valid entry for the 4 KiB-aligned `frame`; `driver` is up to 9 bits
     /// the driver may use as it likes.
     pub const fn new(frame: u64, write: bool, driver: u16) -> Self {
-        let mut v = Self::VALID | (frame & Self::FRAME_MASK) | (((driver as u64) << Self::DRIVER_SHIFT) & Self::DRIVER_MASK);
+        let mut v =
+            Self::VALID | (frame & Self::FRAME_MASK) | (((driver as u64) << Self::DRIVER_SHIFT) & Self::DRIVER_MASK);
         if write {
             v |= Self::WRITE;
         }
@@ -190,7 +191,12 @@ impl<G: PagingGeometry> MirrorTable<G> {
     /// Writes the entry `f(va)` (or clears it for `None`) for every page of
     /// `range`. Directories must exist ([`reserve`](Self::reserve)); pages
     /// without one are skipped.
-    pub fn set<P: PhysMem + ?Sized>(&mut self, phys: &P, range: VaRange, f: &mut dyn FnMut(u64) -> Option<MirrorEntry>) {
+    pub fn set<P: PhysMem + ?Sized>(
+        &mut self,
+        phys: &P,
+        range: VaRange,
+        f: &mut dyn FnMut(u64) -> Option<MirrorEntry>,
+    ) {
         Self::update_in(phys, self.root, G::LEVELS - 1, range.start(), range.last(), None, f);
     }
 

@@ -100,7 +100,9 @@ unsafe fn walk_table<F: PteFormat, P: PhysMem + ?Sized, V: Visitor>(
                 // table the hardware follows, kept live by the caller.
                 unsafe { walk_table::<F, P, V>(phys, frame, level - 1, va, entry_last, allowed & flags, visitor)? };
             }
-            PteView::Leaf { frame, flags } => visitor.visit(span, PteView::Leaf { frame, flags: restrict(flags, allowed) })?,
+            PteView::Leaf { frame, flags } => {
+                visitor.visit(span, PteView::Leaf { frame, flags: restrict(flags, allowed) })?
+            }
             PteView::ProtNone { frame, flags } => {
                 visitor.visit(span, PteView::ProtNone { frame, flags: restrict(flags, allowed) })?
             }

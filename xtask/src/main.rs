@@ -27,11 +27,8 @@ fn repo_root() -> PathBuf {
 /// Runs a command in `dir`, failing with its exit status.
 fn run(dir: &Path, program: &str, args: &[&str]) -> Result<(), String> {
     println!("xtask: {program} {}", args.join(" "));
-    let status = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .status()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let status =
+        Command::new(program).args(args).current_dir(dir).status().map_err(|e| format!("cannot run {program}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
