@@ -62,9 +62,9 @@ pub struct FaultStats {
 /// permission, or the handler failed), [`Error::Perm`] (write required on a
 /// region without write), [`Error::NoMemory`] (from the handler). On error the
 /// content of `pfns` is unspecified.
-pub fn range_fault<S: AddressSpace>(
-    space: &S,
-    guard: &S::ReadGuard<'_>,
+pub fn range_fault<'g, S: AddressSpace>(
+    space: &'g S,
+    guard: &S::ReadGuard<'g>,
     interval: &Interval,
     seq: u64,
     req: &mut RangeFault<'_>,

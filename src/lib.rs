@@ -38,3 +38,8 @@ mod fault;
 pub use fault::{range_fault, FaultStats, RangeFault};
 mod mirror;
 pub use mirror::{DeviceOps, Mirror, MirrorConfig, MirrorStats};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

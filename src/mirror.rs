@@ -120,6 +120,22 @@ where
     _pinned: PhantomPinned,
 }
 
+impl<'s, S, D, A> Mirror<'s, S, D, A>
+where
+    S: AddressSpace + Sync,
+    D: DeviceOps,
+    A: FrameAllocator + Sync,
+{
+    /// A mirror of `range` whose device-side table has the CPU's geometry,
+    /// with a spinning update lock.
+    ///
+    /// Errors: `range` invalid for the CPU geometry ([`Error::OutOfRange`]
+    /// etc.), [`Error::NoMemory`] for the root, [`Error::Released`].
+    pub fn new(space: &'s S, alloc: &'s A, device: D, range: VaRange, config: MirrorConfig) -> Result<Self> {
+        Self::with_geometry(space, alloc, device, range, config)
+    }
+}
+
 impl<'s, S, D, A, G, L> Mirror<'s, S, D, A, G, L>
 where
     S: AddressSpace + Sync,
@@ -128,12 +144,13 @@ where
     G: PagingGeometry,
     L: RawLock,
 {
-    /// A mirror of `range` with an empty device-side table of geometry `G`.
+    /// A mirror of `range` with an empty device-side table of geometry `G`
+    /// and update lock `L` (see [`Mirror::new`] for the defaults).
     ///
     /// Errors: `range` invalid for the CPU geometry or not translatable by
     /// `G` ([`Error::OutOfRange`] etc.), [`Error::NoMemory`] for the root,
     /// [`Error::Released`].
-    pub fn new(space: &'s S, alloc: &'s A, device: D, range: VaRange, config: MirrorConfig) -> Result<Self> {
+    pub fn with_geometry(space: &'s S, alloc: &'s A, device: D, range: VaRange, config: MirrorConfig) -> Result<Self> {
         range.check::<CpuGeometry<S>>()?;
         range.check::<G>()?;
         if space.notifiers().is_released() {

@@ -73,12 +73,12 @@ pub unsafe trait AddressSpace {
     /// Takes the read lock (blocks region changes and table frees).
     fn read_lock(&self) -> Self::ReadGuard<'_>;
     /// The region containing `va`, if any.
-    fn region(&self, guard: &Self::ReadGuard<'_>, va: u64) -> Option<Region>;
+    fn region<'g>(&'g self, guard: &Self::ReadGuard<'g>, va: u64) -> Option<Region>;
     /// Makes `range` (inside one region) present, writable if `write`, as a
     /// CPU fault would: demand-zero, zero page for reads, COW break for
     /// writes. Errors: [`Error::NoMemory`](crate::Error::NoMemory),
     /// [`Error::Fault`](crate::Error::Fault).
-    fn handle_fault(&self, guard: &Self::ReadGuard<'_>, range: VaRange, write: bool) -> Result<()>;
+    fn handle_fault<'g>(&'g self, guard: &Self::ReadGuard<'g>, range: VaRange, write: bool) -> Result<()>;
     /// The shared zero frame, if the kernel has one (reported as such).
     fn zero_frame(&self) -> Option<u64> {
         None
