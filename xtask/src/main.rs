@@ -1,5 +1,7 @@
 //! Project tasks: `cargo xtask demo`, `cargo xtask test`.
 
+mod qemu;
+
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
@@ -36,11 +38,14 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Boots the bare-metal kernel in QEMU in demo mode on two cores.
 fn demo(root: &Path) -> Result<(), String> {
-    run(root, "cargo", &["run", "--quiet", "-p", "hmm-testkit", "--example", "host_demo"])
+    qemu::run_kernel(root, "demo", 2)
 }
 
 fn test(root: &Path) -> Result<(), String> {
     run(root, "cargo", &["test", "--workspace", "--all-targets"])?;
-    run(root, "cargo", &["test", "--workspace", "--doc"])
+    run(root, "cargo", &["test", "--workspace", "--doc"])?;
+    println!("xtask: booting the bare-metal kernel in test mode (2 cores)");
+    qemu::run_kernel(root, "test", 2)
 }

@@ -27,10 +27,7 @@ unsafe impl<T: Send> Send for SpinLock<T> {}
 impl<T> SpinLock<T> {
     /// Creates an unlocked lock (usable in `static` initialisers).
     pub const fn new(value: T) -> Self {
-        Self {
-            locked: AtomicBool::new(false),
-            value: UnsafeCell::new(value),
-        }
+        Self { locked: AtomicBool::new(false), value: UnsafeCell::new(value) }
     }
 
     /// Spins until the lock is free, then takes it.

@@ -1,0 +1,318 @@
+//! Builds the bare-metal demo kernel (`examples/bare-metal`) and runs it
+//! under QEMU. Standard library only.
+//!
+//! Entry point: [`run_kernel`]. The steps, each with a clear error message:
+//!
+//! 1. make sure the `x86_64-unknown-none` Rust target is installed (rustup);
+//! 2. `cargo build --release` inside `examples/bare-metal` (its own
+//!    `.cargo/config.toml` and `[workspace]`; cargo only reads that config when
+//!    started from inside the directory, so `current_dir` is set there);
+//! 3. make sure `qemu-system-x86_64` exists (installs `qemu-system-x86` with
+//!    apt-get when running as root, otherwise says what to run);
+//! 4. boots the kernel ELF via PVH on the `microvm` machine, TCG, with the
+//!    mode and CPU count on the kernel command line (`-append "mode=.. cpus=.."`,
+//!    delivered through `hvm_start_info.cmdline_paddr`), serial on stdio,
+//!    a wall-clock timeout, and `isa-debug-exit` for the verdict:
+//!    exit status 33 = kernel reported success, 35 = kernel reported failure,
+//!    0 = guest reset/shutdown (e.g. triple fault with `-no-reboot`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+const TARGET: &str = "x86_64-unknown-none";
+const KERNEL_DIR: &str = "examples/bare-metal";
+const KERNEL_BIN: &str = "hmm-bare-metal";
+const QEMU: &str = "qemu-system-x86_64";
+const QEMU_APT_PACKAGE: &str = "qemu-system-x86";
+/// Guest RAM; the kernel falls back to the same size if the loader passes no
+/// memory map.
+const GUEST_MEMORY: &str = "256M";
+/// The kernel supports at most this many CPUs (`smp::MAX_CPUS`).
+const MAX_CPUS: u32 = 8;
+/// A run normally takes well under a second; this only catches hangs.
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// QEMU's status when the kernel writes 0x10 to isa-debug-exit: (0x10 << 1) | 1.
+const EXIT_SUCCESS: i32 = 33;
+/// QEMU's status when the kernel writes 0x11 (panic, CPU exception, failed test).
+const EXIT_FAILURE: i32 = 35;
+
+/// Builds `examples/bare-metal` and boots it in QEMU with `mode` (`demo` or
+/// `test`) on `cpus` CPUs. `Ok` only if the kernel ended the run with the
+/// success code (QEMU exit status 33).
+pub fn run_kernel(repo_root: &Path, mode: &str, cpus: u32) -> Result<(), String> {
+    if mode.is_empty() || !mode.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("invalid kernel mode {mode:?} (expected e.g. demo or test)"));
+    }
+    if !(1..=MAX_CPUS).contains(&cpus) {
+        return Err(format!("cpus must be 1..={MAX_CPUS}, got {cpus}"));
+    }
+    let kernel_dir = repo_root.join(KERNEL_DIR);
+    if !kernel_dir.join("Cargo.toml").is_file() {
+        return Err(format!("kernel crate not found at {}", kernel_dir.display()));
+    }
+    ensure_rust_target(&kernel_dir)?;
+    let kernel = build_kernel(&kernel_dir)?;
+    ensure_qemu()?;
+    run_qemu(&kernel, mode, cpus)
+}
+
+/// Installs the bare-metal target with rustup unless it is already there.
+fn ensure_rust_target(kernel_dir: &Path) -> Result<(), String> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(kernel_dir)
+        .stderr(Stdio::inherit())
+        .output();
+    match installed {
+        Ok(out) if out.status.success() => {
+            if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == TARGET) {
+                return Ok(());
+            }
+        }
+        Ok(out) => {
+            return Err(format!("`rustup target list --installed` failed ({})", out.status));
+        }
+        Err(e) => {
+            // No rustup (e.g. a distro toolchain): let the build say whether
+            // the target's standard library is available.
+            eprintln!("xtask: warning: cannot run rustup ({e}); assuming {TARGET} is installed");
+            return Ok(());
+        }
+    }
+    eprintln!("xtask: installing Rust target {TARGET}: rustup target add {TARGET}");
+    let status = Command::new("rustup")
+        .args(["target", "add", TARGET])
+        .current_dir(kernel_dir)
+        .status()
+        .map_err(|e| format!("cannot run `rustup target add {TARGET}`: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`rustup target add {TARGET}` failed ({status})"))
+    }
+}
+
+/// `cargo build --release` in the kernel directory; returns the ELF path.
+fn build_kernel(kernel_dir: &Path) -> Result<PathBuf, String> {
+    let target_dir = kernel_dir.join("target");
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(kernel_dir).args(["build", "--release", "--target", TARGET, "--target-dir"]).arg(&target_dir);
+    // Settings the outer cargo (or the user) may have exported for the host
+    // workspace that would break or relocate the bare-metal build. The
+    // kernel's rustflags come from its own .cargo/config.toml, which RUSTFLAGS
+    // and friends would silently replace.
+    for var in [
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTDOCFLAGS",
+        "CARGO_ENCODED_RUSTDOCFLAGS",
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_PRIMARY_PACKAGE",
+    ] {
+        cmd.env_remove(var);
+    }
+    eprintln!("xtask: building kernel: (cd {} && cargo build --release --target {TARGET})", kernel_dir.display());
+    let status = cmd.status().map_err(|e| format!("cannot run cargo in {}: {e}", kernel_dir.display()))?;
+    if !status.success() {
+        return Err(format!("kernel build failed ({status})"));
+    }
+    let elf = target_dir.join(TARGET).join("release").join(KERNEL_BIN);
+    if elf.is_file() {
+        Ok(elf)
+    } else {
+        Err(format!("kernel build succeeded but {} is missing", elf.display()))
+    }
+}
+
+/// Whether this process runs as root (uid 0), read from /proc.
+fn running_as_root() -> bool {
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        for line in status.lines() {
+            if let Some(ids) = line.strip_prefix("Uid:") {
+                return ids.split_whitespace().nth(1) == Some("0"); // effective uid
+            }
+        }
+    }
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// Checks for QEMU; installs it with apt-get if missing and we are root.
+fn ensure_qemu() -> Result<(), String> {
+    if qemu_runs() {
+        return Ok(());
+    }
+    let manual = format!("sudo apt-get update && sudo apt-get install -y {QEMU_APT_PACKAGE}");
+    if !running_as_root() {
+        return Err(format!("{QEMU} not found; install it with: {manual}"));
+    }
+    for args in [&["update"][..], &["install", "-y", "--no-install-recommends", QEMU_APT_PACKAGE][..]] {
+        eprintln!("xtask: {QEMU} not found, running: apt-get {}", args.join(" "));
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map_err(|e| format!("cannot run apt-get ({e}); install QEMU with: {manual}"))?;
+        if !status.success() {
+            return Err(format!("`apt-get {}` failed ({status}); install QEMU with: {manual}", args.join(" ")));
+        }
+    }
+    if qemu_runs() {
+        Ok(())
+    } else {
+        Err(format!("{QEMU} still not runnable after installing {QEMU_APT_PACKAGE}"))
+    }
+}
+
+/// Whether `qemu-system-x86_64 --version` runs successfully.
+fn qemu_runs() -> bool {
+    Command::new(QEMU).arg("--version").output().is_ok_and(|out| out.status.success())
+}
+
+/// The QEMU invocation. `microvm`: no PCI, no SeaBIOS; its qboot firmware
+/// boots the PVH ELF directly (~0.05 s) and INIT/SIPI work as on `q35`.
+/// TCG rather than KVM: KVM on these hosts cannot run SSE in the guest, and
+/// TCG runs the vCPUs in parallel threads anyway.
+fn qemu_command(kernel: &Path, mode: &str, cpus: u32) -> Command {
+    let mut cmd = Command::new(QEMU);
+    cmd.args(["-M", "microvm", "-accel", "tcg", "-m", GUEST_MEMORY])
+        .args(["-smp", &cpus.to_string()])
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .args(["-no-reboot"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", &format!("mode={mode} cpus={cpus}")]);
+    cmd
+}
+
+/// Copies a child's output stream to ours while keeping a transcript.
+fn tee<R, W>(source: R, mut sink: W, transcript: Arc<Mutex<String>>) -> JoinHandle<()>
+where
+    R: Read + Send + 'static,
+    W: Write + Send + 'static,
+{
+    thread::spawn(move || {
+        let mut reader = BufReader::new(source);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    line.retain(|&b| b != b'\r');
+                    let _ = sink.write_all(&line);
+                    let _ = sink.flush();
+                    if let Ok(mut t) = transcript.lock() {
+                        t.push_str(&String::from_utf8_lossy(&line));
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Waits for `child` up to `timeout`; kills it on expiry (returns `None`).
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, String> {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(Some(status)),
+            Ok(None) if start.elapsed() >= timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(None);
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("waiting for {QEMU} failed: {e}")),
+        }
+    }
+}
+
+/// The last `n` lines of `text`, indented, for error messages.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].iter().map(|l| format!("    | {l}\n")).collect()
+}
+
+fn run_qemu(kernel: &Path, mode: &str, cpus: u32) -> Result<(), String> {
+    let mut cmd = qemu_command(kernel, mode, cpus);
+    let shown: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| {
+            let a = a.to_string_lossy();
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                a.into_owned()
+            }
+        })
+        .collect();
+    eprintln!("xtask: running: {}", shown.join(" "));
+
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {QEMU}: {e}"))?;
+    let out_log = Arc::new(Mutex::new(String::new()));
+    let err_log = Arc::new(Mutex::new(String::new()));
+    let readers = [
+        child.stdout.take().map(|s| tee(s, std::io::stdout(), Arc::clone(&out_log))),
+        child.stderr.take().map(|s| tee(s, std::io::stderr(), Arc::clone(&err_log))),
+    ];
+    let status = wait_with_timeout(&mut child, TIMEOUT)?;
+    for reader in readers.into_iter().flatten() {
+        let _ = reader.join();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let output = out_log.lock().map(|s| s.clone()).unwrap_or_default();
+    let errors = err_log.lock().map(|s| s.clone()).unwrap_or_default();
+
+    let Some(status) = status else {
+        return Err(format!(
+            "kernel timed out: QEMU killed after {} s (hang or deadlock). Last output:\n{}",
+            TIMEOUT.as_secs(),
+            tail(&output, 15)
+        ));
+    };
+    match status.code() {
+        Some(EXIT_SUCCESS) => {
+            if mode == "test" && !output.contains(" passed, 0 failed") {
+                return Err(format!(
+                    "kernel exited with the success code but printed no `N passed, 0 failed` line:\n{}",
+                    tail(&output, 15)
+                ));
+            }
+            eprintln!("xtask: kernel ({mode}, {cpus} cpus) succeeded in {elapsed:.2} s (QEMU exit status 33)");
+            Ok(())
+        }
+        Some(EXIT_FAILURE) => Err(format!(
+            "kernel reported failure (QEMU exit status 35: panic, CPU exception or failed test) after {elapsed:.2} s. Last output:\n{}",
+            tail(&output, 15)
+        )),
+        Some(0) => Err(format!(
+            "QEMU exited with status 0 without a verdict from the kernel: the guest reset or shut down \
+             (with -no-reboot a triple fault ends QEMU this way). Re-run by hand with \
+             `-d int,cpu_reset -D qemu.log` to see why. Last output:\n{}",
+            tail(&output, 15)
+        )),
+        Some(code) => Err(format!(
+            "QEMU exited with unexpected status {code} (1 usually means bad arguments or a missing kernel). stderr:\n{}stdout:\n{}",
+            tail(&errors, 10),
+            tail(&output, 10)
+        )),
+        None => Err(format!("QEMU was killed by a signal ({status})")),
+    }
+}
