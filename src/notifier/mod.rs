@@ -35,7 +35,8 @@ pub use store::{Entry, EntryStore, FixedStore};
 
 use crate::range::VaRange;
 pub use crate::sync::Waiter;
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use crate::sync::shim::{AtomicU64, AtomicU8};
+use core::sync::atomic::Ordering;
 
 /// Why translations are being invalidated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -92,7 +93,7 @@ const REGISTERED: u8 = 1;
 
 impl Interval {
     /// An unregistered interval over `range`.
-    pub const fn new(range: VaRange) -> Self {
+    pub fn new(range: VaRange) -> Self {
         Self { range, seq: AtomicU64::new(0), state: AtomicU8::new(UNREGISTERED) }
     }
 

@@ -3,35 +3,30 @@
 
 use super::index::{for_each_overlap, insertion_point, rebuild};
 use super::store::{Deferred, Entry, EntryStore};
-use super::{Event, Interval, InvalidateRange, Notifier, REGISTERED, UNREGISTERED};
+use super::{Event, InvalidateRange, Interval, Notifier, REGISTERED, UNREGISTERED};
 use crate::range::VaRange;
-use crate::sync::{SpinWait, Waiter};
+use crate::sync::shim::{AtomicBool, AtomicU64, RawCell};
+use crate::sync::{LockCell, SpinLock, SpinWait, Waiter};
 use crate::{Error, Result};
-use core::cell::UnsafeCell;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 /// The notifiers of one address space and its invalidation sequence.
 ///
 /// The sequence is even when idle and odd while at least one invalidation
 /// that overlaps a registered interval is running.
 pub struct NotifierRegistry<S: EntryStore, W: Waiter = SpinWait> {
-    /// Counters and postponed operations; a short spin lock.
-    state: spin::Mutex<State>,
-    // INVARIANT: `store` entries are modified only with `state` locked and
-    // `active == 0`; they are read either with `state` locked or by an
-    // invalidation counted in `active` (so no modification can run).
-    // Postponed operations live in the store too but are touched only with
-    // `state` locked.
-    store: UnsafeCell<S>,
+    /// Count of running invalidations; a short spin lock, never held across
+    /// a callback or a wait.
+    active: LockCell<SpinLock, usize>,
+    // INVARIANT: `store` entries are modified only with `active` locked and
+    // zero; they are read either with `active` locked or by an invalidation
+    // counted in `active` (so no modification can run). Postponed operations
+    // are touched only with `active` locked.
+    store: RawCell<S>,
     seq: AtomicU64,
     released: AtomicBool,
     waiter: W,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    active: usize,
 }
 
 // SAFETY: all shared access to `store` follows the invariant above; `S` is
@@ -62,12 +57,17 @@ impl Invalidation {
     }
 }
 
+/// Whether `a` is the notifier at address `b`.
+fn same(a: NonNull<dyn Notifier>, b: *const ()) -> bool {
+    a.as_ptr().cast::<()>() as *const () == b
+}
+
 impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// An empty registry.
     pub fn new() -> Self {
         Self {
-            state: spin::Mutex::new(State::default()),
-            store: UnsafeCell::new(S::default()),
+            active: LockCell::new(0),
+            store: RawCell::new(S::default()),
             seq: AtomicU64::new(0),
             released: AtomicBool::new(false),
             waiter: W::default(),
@@ -78,9 +78,8 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// the insert takes effect when the last one ends, and a
     /// [`read_begin`](Self::read_begin) meanwhile waits.
     ///
-    /// Errors: [`Error::Released`], [`Error::Capacity`], and
-    /// [`Error::Unregistered`]-free double registration is refused with
-    /// [`Error::Busy`].
+    /// Errors: [`Error::Released`], [`Error::Capacity`], and [`Error::Busy`]
+    /// if the interval is already registered.
     ///
     /// # Safety
     /// `notifier` must stay at its address and alive until [`remove`](Self::remove)
@@ -92,31 +91,37 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
         // in place until `remove` returns, after which the pointer is gone.
         let ptr: NonNull<dyn Notifier> = unsafe { core::mem::transmute(NonNull::from(notifier)) };
         let entry = Entry { start: range.start(), last: range.last(), max_last: range.last(), notifier: ptr };
-        let state = self.state.lock();
+        let active = self.active.lock();
         if self.released.load(Ordering::Acquire) {
             return Err(Error::Released);
         }
         if interval.is_registered() {
             return Err(Error::Busy);
         }
-        // SAFETY: `state` is locked (invariant on `store`).
-        let store = unsafe { &mut *self.store.get() };
-        if store.room() == Some(0) {
-            return Err(Error::Capacity);
-        }
         let seq = self.seq.load(Ordering::Relaxed);
-        if state.active == 0 {
-            // An even sequence minus one: never equal to the registry's, so
-            // read_begin does not wait.
-            interval.seq.store(seq.wrapping_sub(1), Ordering::Release);
-            let at = insertion_point(store.entries(), entry.start);
-            store.insert(at, entry).map_err(|_| Error::Capacity)?;
-            rebuild(store.entries_mut());
-        } else {
-            // Equal to the running (odd) sequence: read_begin waits for the end.
-            interval.seq.store(seq, Ordering::Release);
-            store.defer(Deferred { insert: true, entry }).map_err(|_| Error::Capacity)?;
-        }
+        // SAFETY: `active` is locked (invariant on `store`); entries change
+        // only when it is zero.
+        unsafe {
+            self.store.with_mut(|store| {
+                if store.room() == Some(0) {
+                    return Err(Error::Capacity);
+                }
+                if *active == 0 {
+                    // An even sequence minus one: never equal to the
+                    // registry's, so read_begin does not wait.
+                    interval.seq.store(seq.wrapping_sub(1), Ordering::Release);
+                    let at = insertion_point(store.entries(), entry.start);
+                    store.insert(at, entry).map_err(|_| Error::Capacity)?;
+                    rebuild(store.entries_mut());
+                } else {
+                    // Equal to the running (odd) sequence: read_begin waits
+                    // for the end, which applies the insert.
+                    interval.seq.store(seq, Ordering::Release);
+                    store.defer(Deferred { insert: true, entry }).map_err(|_| Error::Capacity)?;
+                }
+                Ok(())
+            })
+        }?;
         interval.state.store(REGISTERED, Ordering::Release);
         Ok(())
     }
@@ -128,58 +133,46 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// Must not be called from an invalidation callback.
     pub fn remove(&self, notifier: &dyn Notifier) -> Result<()> {
         let target = notifier as *const dyn Notifier as *const ();
-        let is_target = |e: &Entry| e.notifier.as_ptr() as *const () == target;
-        let wait_seq;
-        {
-            let state = self.state.lock();
-            if !notifier.interval().is_registered() {
-                return Err(Error::Unregistered);
-            }
-            // SAFETY: `state` is locked (invariant on `store`).
-            let store = unsafe { &mut *self.store.get() };
-            notifier.interval().state.store(UNREGISTERED, Ordering::Release);
-            // A pending insert never reached the tree: cancel it.
-            if let Some(i) = store.deferred().iter().position(|d| d.insert && is_target(&d.entry)) {
-                store.undefer(i);
-                return Ok(());
-            }
-            let Some(at) = store.entries().iter().position(is_target) else {
-                return Err(Error::Unregistered);
+        loop {
+            let wait_seq = {
+                let active = self.active.lock();
+                if !notifier.interval().is_registered() {
+                    return Err(Error::Unregistered);
+                }
+                // SAFETY: `active` is locked (invariant on `store`); entries
+                // change only when it is zero.
+                let done = unsafe {
+                    self.store.with_mut(|store| {
+                        // A pending insert never reached the tree: cancel it.
+                        if let Some(i) = store.deferred().iter().position(|d| d.insert && same(d.entry.notifier, target)) {
+                            store.undefer(i);
+                            return true;
+                        }
+                        let Some(at) = store.entries().iter().position(|e| same(e.notifier, target)) else {
+                            return true;
+                        };
+                        if *active == 0 {
+                            store.remove(at);
+                            rebuild(store.entries_mut());
+                            return true;
+                        }
+                        // Postpone to the end of the running invalidations;
+                        // with no room, wait for them and try again.
+                        let entry = store.entries()[at];
+                        let _ = store.defer(Deferred { insert: false, entry });
+                        false
+                    })
+                };
+                if done {
+                    notifier.interval().state.store(UNREGISTERED, Ordering::Release);
+                    return Ok(());
+                }
+                self.seq.load(Ordering::Relaxed)
             };
-            if state.active == 0 {
-                store.remove(at);
-                rebuild(store.entries_mut());
-                return Ok(());
-            }
-            let entry = store.entries()[at];
-            if store.defer(Deferred { insert: false, entry }).is_err() {
-                // No room to postpone: wait for the invalidations to end and
-                // remove directly (below).
-            }
-            wait_seq = self.seq.load(Ordering::Relaxed);
+            // The last running invalidation applies the postponed remove, then
+            // changes the sequence.
+            self.waiter.wait_until(&|| self.seq.load(Ordering::Acquire) != wait_seq);
         }
-        self.waiter.wait_until(&|| self.seq.load(Ordering::Acquire) != wait_seq);
-        // The end of the invalidation applied the postponed remove; if there
-        // was no room for it, remove now.
-        let state = self.state.lock();
-        // SAFETY: `state` is locked.
-        let store = unsafe { &mut *self.store.get() };
-        if let Some(at) = store.entries().iter().position(is_target) {
-            if state.active == 0 {
-                store.remove(at);
-                rebuild(store.entries_mut());
-            } else {
-                drop(state);
-                return self.remove_after_retry(notifier);
-            }
-        }
-        Ok(())
-    }
-
-    /// Slow path of `remove` when postponing had no room: re-mark and retry.
-    fn remove_after_retry(&self, notifier: &dyn Notifier) -> Result<()> {
-        notifier.interval().state.store(REGISTERED, Ordering::Release);
-        self.remove(notifier)
     }
 
     /// Starts an invalidation of `range`: makes the sequence odd (if anything
@@ -190,29 +183,31 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// is ended here and [`Error::WouldBlock`] returned (do not call `end`).
     pub fn invalidate_range_start(&self, range: VaRange, event: Event, blockable: bool) -> Result<Invalidation> {
         let cur_seq = {
-            let mut state = self.state.lock();
-            // SAFETY: `state` is locked.
-            let store = unsafe { &*self.store.get() };
-            let overlaps = !for_each_overlap(store.entries(), range.start(), range.last(), &mut |_| false);
+            let mut active = self.active.lock();
+            // SAFETY: `active` is locked: no modification runs.
+            let overlaps = unsafe {
+                self.store.with(|store| !for_each_overlap(store.entries(), range.start(), range.last(), &mut |_| false))
+            };
             if !overlaps {
                 return Ok(Invalidation { counted: false, seq: 0 });
             }
-            if state.active == 0 {
+            if *active == 0 {
                 self.seq.fetch_add(1, Ordering::AcqRel);
             }
-            state.active += 1;
+            *active += 1;
             self.seq.load(Ordering::Relaxed)
         };
         let inv = InvalidateRange { range, event, blockable };
-        // SAFETY: this invalidation is counted in `active`, so the entries
-        // cannot change until it ends (invariant on `store`).
-        let store = unsafe { &*self.store.get() };
-        let all_agreed = for_each_overlap(store.entries(), range.start(), range.last(), &mut |e| {
+        let mut call = |e: &Entry| {
             // SAFETY: a registered notifier stays alive until its removal,
             // which cannot complete while this invalidation is counted.
             let n = unsafe { e.notifier.as_ref() };
             n.invalidate(&inv, cur_seq) || blockable
-        });
+        };
+        // SAFETY: this invalidation is counted in `active`, so the entries
+        // cannot change until it ends (invariant on `store`).
+        let all_agreed =
+            unsafe { self.store.with(|store| for_each_overlap(store.entries(), range.start(), range.last(), &mut call)) };
         let token = Invalidation { counted: true, seq: cur_seq };
         if !all_agreed {
             self.invalidate_range_end(token);
@@ -228,35 +223,15 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
             return;
         }
         {
-            let mut state = self.state.lock();
-            state.active -= 1;
-            if state.active == 0 {
+            let mut active = self.active.lock();
+            *active -= 1;
+            if *active == 0 {
                 // SAFETY: locked with no invalidation running.
-                let store = unsafe { &mut *self.store.get() };
-                self.apply_deferred(store);
+                unsafe { self.store.with_mut(apply_deferred) };
                 self.seq.fetch_add(1, Ordering::AcqRel);
             }
         }
         self.waiter.wake_all();
-    }
-
-    fn apply_deferred(&self, store: &mut S) {
-        if store.deferred().is_empty() {
-            return;
-        }
-        while !store.deferred().is_empty() {
-            let op = store.undefer(0);
-            if op.insert {
-                let at = insertion_point(store.entries(), op.entry.start);
-                // Room was reserved when the insert was accepted.
-                let _ = store.insert(at, op.entry);
-            } else if let Some(at) =
-                store.entries().iter().position(|e| core::ptr::addr_eq(e.notifier.as_ptr(), op.entry.notifier.as_ptr()))
-            {
-                store.remove(at);
-            }
-        }
-        rebuild(store.entries_mut());
     }
 
     /// Tears the address space down: every notifier gets a [`Event::Release`]
@@ -302,9 +277,9 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
 
     /// Number of registered notifiers (pending inserts excluded).
     pub fn len(&self) -> usize {
-        let _state = self.state.lock();
-        // SAFETY: `state` is locked.
-        unsafe { &*self.store.get() }.entries().len()
+        let _active = self.active.lock();
+        // SAFETY: `active` is locked.
+        unsafe { self.store.with(|s| s.entries().len()) }
     }
 
     /// Whether no notifier is registered.
@@ -316,4 +291,22 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     pub fn seq(&self) -> u64 {
         self.seq.load(Ordering::Acquire)
     }
+}
+
+/// Applies postponed inserts and removes, in order.
+fn apply_deferred<S: EntryStore>(store: &mut S) {
+    if store.deferred().is_empty() {
+        return;
+    }
+    while !store.deferred().is_empty() {
+        let op = store.undefer(0);
+        if op.insert {
+            let at = insertion_point(store.entries(), op.entry.start);
+            // Room was reserved when the insert was accepted.
+            let _ = store.insert(at, op.entry);
+        } else if let Some(at) = store.entries().iter().position(|e| same(e.notifier, op.entry.notifier.as_ptr().cast::<()>())) {
+            store.remove(at);
+        }
+    }
+    rebuild(store.entries_mut());
 }

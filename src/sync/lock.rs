@@ -1,9 +1,10 @@
 //! The driver update lock: the one lock a fault's commit and an invalidation
 //! callback both take.
 
+use super::shim::{spin_hint, AtomicBool};
 use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::Ordering;
 
 /// A mutual-exclusion lock with no data.
 ///
@@ -25,8 +26,14 @@ pub unsafe trait RawLock: Default + Sync {
 }
 
 /// A test-and-test-and-set spin lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SpinLock(AtomicBool);
+
+impl Default for SpinLock {
+    fn default() -> Self {
+        Self(AtomicBool::new(false))
+    }
+}
 
 // SAFETY: the compare-exchange from false to true admits one holder at a
 // time, with Acquire; unlock stores false with Release.
@@ -34,7 +41,7 @@ unsafe impl RawLock for SpinLock {
     fn lock(&self) {
         while !self.try_lock() {
             while self.0.load(Ordering::Relaxed) {
-                core::hint::spin_loop();
+                spin_hint();
             }
         }
     }

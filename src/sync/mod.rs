@@ -4,6 +4,7 @@
 //! [`RawLock`] (a sleeping mutex) and [`Waiter`] (a wait queue).
 
 mod lock;
+pub(crate) mod shim;
 mod wait;
 
 pub use lock::{LockCell, LockGuard, RawLock, SpinLock};

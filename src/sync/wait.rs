@@ -19,7 +19,7 @@ pub struct SpinWait;
 impl Waiter for SpinWait {
     fn wait_until(&self, done: &dyn Fn() -> bool) {
         while !done() {
-            core::hint::spin_loop();
+            super::shim::spin_hint();
         }
     }
     fn wake_all(&self) {}
