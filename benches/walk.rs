@@ -49,7 +49,8 @@ impl Arena {
                 let raw = *self.slot(table, idx);
                 table = if raw == 0 {
                     let t = self.alloc();
-                    *self.slot(table, idx) = X86_64Level4::encode(&PteView::Table { frame: t, flags: rw }, level).unwrap();
+                    *self.slot(table, idx) =
+                        X86_64Level4::encode(&PteView::Table { frame: t, flags: rw }, level).unwrap();
                     t
                 } else {
                     raw & 0x000f_ffff_ffff_f000
