@@ -68,11 +68,13 @@ const HUGE: u64 = Hw::HUGE_PAGE.bits();
 const G: u64 = Hw::GLOBAL.bits();
 const NX: u64 = Hw::NO_EXECUTE.bits();
 
+#[inline]
 fn span_mask(level: usize) -> u64 {
     (1u64 << X86_64Level4::level_shift(level)) - 1
 }
 
 /// Hardware permission/status bits -> neutral flags (READ always set).
+#[inline]
 fn flags_from_raw(raw: u64) -> LeafFlags {
     let mut f = LeafFlags::READ;
     f.set(LeafFlags::WRITE, raw & W != 0);
@@ -114,6 +116,7 @@ fn frame_checked(frame: u64, level: usize) -> Result<u64> {
     Ok(frame)
 }
 
+#[inline]
 fn leaf_level(level: usize) -> bool {
     level < 3
 }
@@ -127,6 +130,7 @@ fn huge_bit(level: usize) -> u64 {
     }
 }
 
+#[inline]
 fn decode_present(raw: u64, level: usize, levels: usize) -> PteView {
     if level >= levels {
         return PteView::Invalid(raw);
@@ -144,6 +148,7 @@ fn decode_present(raw: u64, level: usize, levels: usize) -> PteView {
     PteView::Leaf { frame: raw & ADDR_MASK & !span_mask(level), flags: flags_from_raw(raw) }
 }
 
+#[inline]
 fn decode_special(raw: u64, level: usize) -> PteView {
     if !leaf_level(level) {
         return PteView::Invalid(raw);
