@@ -48,7 +48,7 @@ impl<'a> BitmapFrameAllocator<'a> {
     /// Manages `frames` frames starting at the 4 KiB-aligned `base`; `bits`
     /// must hold at least `frames` bits, all zero (free).
     pub fn new(base: u64, frames: usize, bits: &'a [AtomicU64]) -> Result<Self> {
-        if base % FRAME_SIZE != 0 {
+        if !base.is_multiple_of(FRAME_SIZE) {
             return Err(Error::Unaligned);
         }
         if bits.len() * 64 < frames {

@@ -113,6 +113,12 @@ impl VaRange {
         (start <= last).then_some(VaRange { start, last })
     }
 
+    /// The whole 64-bit space (`0 ..= u64::MAX`): what a teardown invalidates.
+    /// Valid for no paging mode; use it only for invalidations.
+    pub const fn all() -> Self {
+        Self { start: 0, last: u64::MAX }
+    }
+
     /// Builds a range from bounds the caller has already validated (a
     /// sub-range of a checked range, cut at page boundaries).
     #[inline]

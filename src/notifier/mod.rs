@@ -34,8 +34,8 @@ pub use store::VecStore;
 pub use store::{Entry, EntryStore, FixedStore};
 
 use crate::range::VaRange;
-pub use crate::sync::Waiter;
 use crate::sync::shim::{AtomicU64, AtomicU8};
+pub use crate::sync::Waiter;
 use core::sync::atomic::Ordering;
 
 /// Why translations are being invalidated.

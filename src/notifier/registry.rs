@@ -3,7 +3,7 @@
 
 use super::index::{for_each_overlap, insertion_point, rebuild};
 use super::store::{Deferred, Entry, EntryStore};
-use super::{Event, InvalidateRange, Interval, Notifier, REGISTERED, UNREGISTERED};
+use super::{Event, Interval, InvalidateRange, Notifier, REGISTERED, UNREGISTERED};
 use crate::range::VaRange;
 use crate::sync::shim::{AtomicBool, AtomicU64, RawCell};
 use crate::sync::{LockCell, SpinLock, SpinWait, Waiter};
@@ -59,7 +59,7 @@ impl Invalidation {
 
 /// Whether `a` is the notifier at address `b`.
 fn same(a: NonNull<dyn Notifier>, b: *const ()) -> bool {
-    a.as_ptr().cast::<()>() as *const () == b
+    core::ptr::eq(a.as_ptr().cast::<()>(), b)
 }
 
 impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
@@ -144,7 +144,9 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
                 let done = unsafe {
                     self.store.with_mut(|store| {
                         // A pending insert never reached the tree: cancel it.
-                        if let Some(i) = store.deferred().iter().position(|d| d.insert && same(d.entry.notifier, target)) {
+                        if let Some(i) =
+                            store.deferred().iter().position(|d| d.insert && same(d.entry.notifier, target))
+                        {
                             store.undefer(i);
                             return true;
                         }
@@ -206,8 +208,9 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
         };
         // SAFETY: this invalidation is counted in `active`, so the entries
         // cannot change until it ends (invariant on `store`).
-        let all_agreed =
-            unsafe { self.store.with(|store| for_each_overlap(store.entries(), range.start(), range.last(), &mut call)) };
+        let all_agreed = unsafe {
+            self.store.with(|store| for_each_overlap(store.entries(), range.start(), range.last(), &mut call))
+        };
         let token = Invalidation { counted: true, seq: cur_seq };
         if !all_agreed {
             self.invalidate_range_end(token);
@@ -239,7 +242,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// [`Error::Released`], and faults report [`Error::Released`].
     pub fn release(&self) {
         self.released.store(true, Ordering::Release);
-        let all = VaRange::from_inclusive(0, u64::MAX);
+        let all = VaRange::all();
         if let Ok(inv) = self.invalidate_range_start(all, Event::Release, true) {
             self.invalidate_range_end(inv);
         }
@@ -304,7 +307,9 @@ fn apply_deferred<S: EntryStore>(store: &mut S) {
             let at = insertion_point(store.entries(), op.entry.start);
             // Room was reserved when the insert was accepted.
             let _ = store.insert(at, op.entry);
-        } else if let Some(at) = store.entries().iter().position(|e| same(e.notifier, op.entry.notifier.as_ptr().cast::<()>())) {
+        } else if let Some(at) =
+            store.entries().iter().position(|e| same(e.notifier, op.entry.notifier.as_ptr().cast::<()>()))
+        {
             store.remove(at);
         }
     }
