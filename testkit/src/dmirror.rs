@@ -78,7 +78,11 @@ pub struct DummyDevice<P: PhysMem + Send + Sync> {
     /// `update` call number (1-based) that fails; 0 = none.
     fail_update_at: AtomicU64,
     events: Mutex<Vec<(VaRange, Event)>>,
+    on_update: Mutex<Option<UpdateHook>>,
 }
+
+/// Called inside `update`, with the mirror's update lock held.
+pub type UpdateHook = Box<dyn Fn() + Send + Sync>;
 
 impl<P: PhysMem + Send + Sync> DummyDevice<P> {
     /// A device reading memory through `phys`; `check` verifies each access
@@ -96,7 +100,14 @@ impl<P: PhysMem + Send + Sync> DummyDevice<P> {
             flushes: AtomicU64::new(0),
             fail_update_at: AtomicU64::new(0),
             events: Mutex::default(),
+            on_update: Mutex::default(),
         }
+    }
+
+    /// Runs `hook` inside every `update` (the mirror's update lock is held
+    /// then), e.g. to stall a commit while a test invalidates.
+    pub fn on_update(&self, hook: Option<UpdateHook>) {
+        *self.on_update.lock().unwrap() = hook;
     }
 
     /// Counters so far.
@@ -155,6 +166,9 @@ impl<P: PhysMem + Send + Sync> DummyDevice<P> {
 
 impl<P: PhysMem + Send + Sync> DeviceOps for DummyDevice<P> {
     fn update(&self, _range: VaRange, _pfns: &[Pfn]) -> Result<(), i32> {
+        if let Some(hook) = self.on_update.lock().unwrap().as_ref() {
+            hook();
+        }
         let n = self.updates.fetch_add(1, Ordering::Relaxed) + 1;
         if n == self.fail_update_at.load(Ordering::Relaxed) {
             return Err(-5);
