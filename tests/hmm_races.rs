@@ -20,12 +20,12 @@ use std::sync::Mutex;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
     /// After `read_begin`, before the walk takes the read lock.
-    BeforeWalk,
+    Before,
     /// Inside the walk, under the read lock (only the registry can be driven
     /// there: a real change needs the write lock).
-    DuringWalk,
+    During,
     /// After the walk dropped the read lock, before the update lock.
-    AfterWalk,
+    After,
 }
 
 type Action = Box<dyn FnOnce(&ModelSpace) + Send>;
@@ -62,7 +62,7 @@ struct Guard<'a> {
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
         drop(self.inner.take());
-        self.owner.fire(Step::AfterWalk);
+        self.owner.fire(Step::After);
     }
 }
 
@@ -89,7 +89,7 @@ unsafe impl<'a> AddressSpace for Injecting<'a> {
         self.inner.notifiers()
     }
     fn read_lock(&self) -> Guard<'_> {
-        self.fire(Step::BeforeWalk);
+        self.fire(Step::Before);
         // SAFETY-free lifetime juggling: `Guard<'_>` borrows `self`.
         Guard { inner: Some(self.inner.read_lock()), owner: self }
     }
@@ -100,7 +100,7 @@ unsafe impl<'a> AddressSpace for Injecting<'a> {
                 self.inner.notifiers().invalidate_range_start(range(va & !0xfff, PAGE), Event::Clear, true).unwrap();
             self.inner.notifiers().invalidate_range_end(inv);
         }
-        if self.step == Step::DuringWalk {
+        if self.step == Step::During {
             if let Some(action) = self.action.lock().unwrap().take() {
                 // Run the change for real on another thread: it blocks on the
                 // write lock until this walk lets go, landing between the walk
@@ -152,7 +152,10 @@ fn assert_coherent(m: &InjMirror<'_>, space: &ModelSpace, r: VaRange) {
 const BUF: u64 = 0x1000_0000;
 const LEN: u64 = 16 * PAGE;
 
-fn actions() -> Vec<(&'static str, fn() -> Action)> {
+/// A named kernel change to inject.
+type NamedAction = (&'static str, fn() -> Action);
+
+fn actions() -> Vec<NamedAction> {
     vec![
         ("unmap", || Box::new(|s: &ModelSpace| s.unmap(range(BUF + 4 * PAGE, 8 * PAGE)).unwrap())),
         ("protect", || Box::new(|s: &ModelSpace| s.protect(range(BUF, LEN), R).unwrap())),
@@ -177,7 +180,7 @@ fn actions() -> Vec<(&'static str, fn() -> Action)> {
 #[test]
 fn fault_racing_invalidation_never_installs_a_stale_frame() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    for step in [Step::BeforeWalk, Step::DuringWalk, Step::AfterWalk] {
+    for step in [Step::Before, Step::During, Step::After] {
         for (name, make) in actions() {
             for write in [false, true] {
                 let (alloc, space) = kernel(64 * MIB);
@@ -207,9 +210,9 @@ fn fault_racing_invalidation_never_installs_a_stale_frame() {
                         }
                     }
                     assert_eq!(m.device().counters().stale, 0, "{step:?}/{name}/write={write}");
-                    if step != Step::DuringWalk && r.is_ok() {
+                    if step != Step::During && r.is_ok() {
                         assert!(
-                            m.stats().retries >= 1 || name == "remap" && step == Step::BeforeWalk,
+                            m.stats().retries >= 1 || name == "remap" && step == Step::Before,
                             "{step:?}/{name}: the change collided with the fault, which must have retried"
                         );
                     }
@@ -227,7 +230,7 @@ fn retry_budget_returns_busy_then_succeeds_when_invalidations_stop() {
     let (alloc, space) = kernel(16 * MIB);
     space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
     {
-        let inj = Injecting::new(&space, Step::BeforeWalk, None);
+        let inj = Injecting::new(&space, Step::Before, None);
         let config = MirrorConfig { max_retries: 8, ..MirrorConfig::default() };
         let m: InjMirror<'_> = Mirror::new(&inj, &*alloc, device(&space), user(), config).unwrap();
         let m = pin!(m);
@@ -255,7 +258,7 @@ fn retry_budget_by_clock() {
     let (alloc, space) = kernel(16 * MIB);
     space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
     {
-        let inj = Injecting::new(&space, Step::BeforeWalk, None);
+        let inj = Injecting::new(&space, Step::Before, None);
         let config = MirrorConfig { max_retries: u32::MAX, clock: Some(clock), max_ticks: 5, owner: None };
         let m: InjMirror<'_> = Mirror::new(&inj, &*alloc, device(&space), user(), config).unwrap();
         let m = pin!(m);
