@@ -183,24 +183,40 @@ where
         unsafe { this.space.notifiers().insert(this) }
     }
 
-    /// Unregisters: waits for a running invalidation, then clears the mirror
-    /// and the device. Later faults fail with [`Error::Unregistered`].
+    /// Unregisters: clears the mirror and the device, then leaves the
+    /// registry (waiting for a running invalidation). Later faults fail with
+    /// [`Error::Unregistered`].
+    ///
+    /// The mirror is emptied under the update lock *before* it stops receiving
+    /// invalidations, so no fault can commit a translation that no
+    /// invalidation would reach.
     pub fn unregister(&self) -> Result<()> {
-        self.space.notifiers().remove(self)?;
-        if let Some(table) = self.table.lock().take() {
-            self.teardown(table, Event::Release);
+        if !self.interval.is_registered() {
+            return Err(Error::Unregistered);
         }
-        Ok(())
+        let table = {
+            let mut guard = self.table.lock();
+            let mut table = guard.take();
+            if let Some(t) = table.as_mut() {
+                self.clear_device(t, Event::Release);
+            }
+            table
+        };
+        let removed = self.space.notifiers().remove(self);
+        if let Some(t) = table {
+            t.destroy(self.space.phys(), self.alloc);
+        }
+        removed
     }
 
-    fn teardown(&self, mut table: MirrorTable<G>, event: Event) {
+    /// Removes every translation from the table and the device (entries only;
+    /// directories stay until destroyed or pruned).
+    fn clear_device(&self, table: &mut MirrorTable<G>, event: Event) {
         let range = self.interval.range();
-        let phys = self.space.phys();
-        if table.clear(phys, range) > 0 {
+        if table.clear(self.space.phys(), range) > 0 {
             self.device.invalidate(range, event);
             self.device.flush(range);
         }
-        table.destroy(phys, self.alloc);
     }
 
     /// The device this mirror drives.
@@ -440,8 +456,9 @@ where
             // callback can reach `self`, so the memory may go.
             let _ = self.space.notifiers().remove(&*self);
         }
-        if let Some(table) = self.table.get_mut().take() {
-            self.teardown(table, Event::Release);
+        if let Some(mut table) = self.table.get_mut().take() {
+            self.clear_device(&mut table, Event::Release);
+            table.destroy(self.space.phys(), self.alloc);
         }
     }
 }
