@@ -92,7 +92,8 @@ pub fn range_fault<'g, S: AddressSpace>(
             return Err(Error::Busy);
         }
         let index = |va: u64| ((va - range.start()) >> page_shift) as usize;
-        let Some(region) = space.region(guard, va) else {
+        // A region that does not contain `va` (a confused kernel) is a hole.
+        let Some(region) = space.region(guard, va).filter(|r| r.range.contains_addr(va)) else {
             // A hole: one page at a time until a region starts.
             let slot = &mut req.pfns[index(va)];
             if request(slot.0, req.default_flags, req.pfn_flags_mask) & Pfn::REQ_FAULT != 0 {
