@@ -104,7 +104,7 @@ impl FrameAllocator for BitmapFrameAllocator<'_> {
     }
 
     unsafe fn free_frame(&self, frame: u64) {
-        let idx = ((frame - self.base) / FRAME_SIZE) as usize;
+        let idx = (frame.wrapping_sub(self.base) / FRAME_SIZE) as usize;
         debug_assert!(frame >= self.base && idx < self.frames, "foreign frame {frame:#x}");
         let old = self.bits[idx / 64].fetch_and(!(1 << (idx % 64)), Ordering::Release);
         debug_assert!(old & (1 << (idx % 64)) != 0, "double free of {frame:#x}");

@@ -49,7 +49,7 @@ impl VaRange {
     /// one geometry may be handed to a walk of another).
     pub fn check<G: PagingGeometry>(&self) -> Result<()> {
         let page_mask = (1u64 << G::PAGE_SHIFT) - 1;
-        if self.start & page_mask != 0 || (self.last + 1) & page_mask != 0 {
+        if self.start & page_mask != 0 || self.last & page_mask != page_mask {
             return Err(Error::Unaligned);
         }
         if !G::is_canonical(self.start) {

@@ -88,7 +88,8 @@ fn flags_from_raw(raw: u64) -> LeafFlags {
 
 fn flags_to_raw(f: LeafFlags) -> Result<u64> {
     // x86_64 cannot express a present but unreadable page: use ProtNone.
-    if !f.contains(LeafFlags::READ) {
+    // Unknown bits would be dropped by decode, breaking the round trip.
+    if !f.contains(LeafFlags::READ) || !LeafFlags::all().contains(f) {
         return Err(Error::Unencodable);
     }
     let mut raw = 0;
@@ -153,11 +154,12 @@ fn decode_special(raw: u64, level: usize) -> PteView {
     if !leaf_level(level) {
         return PteView::Invalid(raw);
     }
-    let frame = raw & ADDR_MASK;
+    // Frames of huge special entries name the whole span, as encode requires.
+    let frame = raw & ADDR_MASK & !span_mask(level);
     let write = raw & W != 0;
     let owner = ((raw >> OWNER_SHIFT) & MAX_OWNER as u64) as u16;
     match (raw & KIND_MASK) >> KIND_SHIFT {
-        KIND_PROT_NONE => PteView::ProtNone { frame: frame & !span_mask(level), flags: flags_from_raw(raw) },
+        KIND_PROT_NONE => PteView::ProtNone { frame, flags: flags_from_raw(raw) },
         KIND_SWAP => PteView::Special(SpecialEntry::Swap { offset: (raw & SWAP_MASK) >> 12 }),
         KIND_MIGRATION => PteView::Special(SpecialEntry::Migration { frame, write }),
         KIND_DEVICE_PRIVATE => PteView::Special(SpecialEntry::DevicePrivate { frame, owner, write }),

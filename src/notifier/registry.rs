@@ -20,9 +20,11 @@ pub struct NotifierRegistry<S: EntryStore, W: Waiter = SpinWait> {
     /// a callback or a wait.
     active: LockCell<SpinLock, usize>,
     // INVARIANT: `store` entries are modified only with `active` locked and
-    // zero; they are read either with `active` locked or by an invalidation
-    // counted in `active` (so no modification can run). Postponed operations
-    // are touched only with `active` locked.
+    // the sequence even; they are read either with `active` locked or by an
+    // invalidation that found an overlap (it made the sequence odd, and the
+    // sequence stays odd until every running invalidation ended, so no
+    // modification can run). Postponed operations are touched only with
+    // `active` locked.
     store: RawCell<S>,
     seq: AtomicU64,
     released: AtomicBool,
@@ -46,7 +48,6 @@ impl<S: EntryStore, W: Waiter> Default for NotifierRegistry<S, W> {
 #[must_use = "every invalidate_range_start must be matched by invalidate_range_end"]
 #[derive(Debug)]
 pub struct Invalidation {
-    counted: bool,
     seq: u64,
 }
 
@@ -98,9 +99,8 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
         if interval.is_registered() {
             return Err(Error::Busy);
         }
-        let seq = self.seq.load(Ordering::Relaxed);
-        // SAFETY: `active` is locked (invariant on `store`); entries change
-        // only when it is zero.
+        // SAFETY: `active` is locked; the store changes only with the
+        // sequence even (invariant on `store`).
         unsafe {
             self.store.with_mut(|store| {
                 if store.room() == Some(0) {
@@ -109,15 +109,20 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
                 if *active == 0 {
                     // An even sequence minus one: never equal to the
                     // registry's, so read_begin does not wait.
+                    let seq = self.seq.load(Ordering::Relaxed);
                     interval.seq.store(seq.wrapping_sub(1), Ordering::Release);
                     let at = insertion_point(store.entries(), entry.start);
                     store.insert(at, entry).map_err(|_| Error::Capacity)?;
                     rebuild(store.entries_mut());
                 } else {
-                    // Equal to the running (odd) sequence: read_begin waits
-                    // for the end, which applies the insert.
-                    interval.seq.store(seq, Ordering::Release);
+                    // A running invalidation may be changing this range even
+                    // if it overlapped nothing when it started: count the new
+                    // interval as invalidated (odd sequence, read_begin
+                    // waits) and insert it when the last one ends.
                     store.defer(Deferred { insert: true, entry }).map_err(|_| Error::Capacity)?;
+                    let seq = self.seq.load(Ordering::Relaxed) | 1;
+                    self.seq.store(seq, Ordering::Release);
+                    interval.seq.store(seq, Ordering::Release);
                 }
                 Ok(())
             })
@@ -133,47 +138,67 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// Must not be called from an invalidation callback.
     pub fn remove(&self, notifier: &dyn Notifier) -> Result<()> {
         let target = notifier as *const dyn Notifier as *const ();
+        /// What one locked attempt found.
+        enum Step {
+            Removed,
+            NotHere,
+            Postponed(u64),
+        }
+        let mut postponed = false;
         loop {
-            let wait_seq = {
-                let active = self.active.lock();
+            let step = {
+                let _active = self.active.lock();
                 if !notifier.interval().is_registered() {
                     return Err(Error::Unregistered);
                 }
-                // SAFETY: `active` is locked (invariant on `store`); entries
-                // change only when it is zero.
-                let done = unsafe {
+                let seq = self.seq.load(Ordering::Relaxed);
+                // SAFETY: `active` is locked; entries change only while the
+                // sequence is even (invariant on `store`).
+                unsafe {
                     self.store.with_mut(|store| {
                         // A pending insert never reached the tree: cancel it.
                         if let Some(i) =
                             store.deferred().iter().position(|d| d.insert && same(d.entry.notifier, target))
                         {
                             store.undefer(i);
-                            return true;
+                            return Step::Removed;
                         }
                         let Some(at) = store.entries().iter().position(|e| same(e.notifier, target)) else {
-                            return true;
+                            return Step::NotHere;
                         };
-                        if *active == 0 {
+                        if seq & 1 == 0 {
                             store.remove(at);
                             rebuild(store.entries_mut());
-                            return true;
+                            return Step::Removed;
                         }
-                        // Postpone to the end of the running invalidations;
-                        // with no room, wait for them and try again.
+                        // Invalidations may be calling it: postpone to the
+                        // end of the last one (with no room, wait and retry).
                         let entry = store.entries()[at];
-                        let _ = store.defer(Deferred { insert: false, entry });
-                        false
+                        if !store.deferred().iter().any(|d| !d.insert && same(d.entry.notifier, target)) {
+                            let _ = store.defer(Deferred { insert: false, entry });
+                        }
+                        Step::Postponed(seq)
                     })
-                };
-                if done {
+                }
+            };
+            match step {
+                // A postponed remove was applied by the last invalidation.
+                Step::Removed | Step::NotHere if postponed => {
                     notifier.interval().state.store(UNREGISTERED, Ordering::Release);
                     return Ok(());
                 }
-                self.seq.load(Ordering::Relaxed)
-            };
-            // The last running invalidation applies the postponed remove, then
-            // changes the sequence.
-            self.waiter.wait_until(&|| self.seq.load(Ordering::Acquire) != wait_seq);
+                Step::Removed => {
+                    notifier.interval().state.store(UNREGISTERED, Ordering::Release);
+                    return Ok(());
+                }
+                Step::NotHere => return Err(Error::Unregistered),
+                // The last running invalidation applies the postponed remove,
+                // then makes the sequence even.
+                Step::Postponed(seq) => {
+                    postponed = true;
+                    self.waiter.wait_until(&|| self.seq.load(Ordering::Acquire) != seq);
+                }
+            }
         }
     }
 
@@ -186,32 +211,35 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     pub fn invalidate_range_start(&self, range: VaRange, event: Event, blockable: bool) -> Result<Invalidation> {
         let cur_seq = {
             let mut active = self.active.lock();
+            // Every invalidation is counted, overlapping or not: an interval
+            // inserted meanwhile must wait for it (see `insert`).
+            *active += 1;
             // SAFETY: `active` is locked: no modification runs.
             let overlaps = unsafe {
                 self.store.with(|store| !for_each_overlap(store.entries(), range.start(), range.last(), &mut |_| false))
             };
             if !overlaps {
-                return Ok(Invalidation { counted: false, seq: 0 });
+                return Ok(Invalidation { seq: 0 });
             }
-            if *active == 0 {
-                self.seq.fetch_add(1, Ordering::AcqRel);
-            }
-            *active += 1;
-            self.seq.load(Ordering::Relaxed)
+            let seq = self.seq.load(Ordering::Relaxed) | 1;
+            self.seq.store(seq, Ordering::Release);
+            seq
         };
         let inv = InvalidateRange { range, event, blockable };
         let mut call = |e: &Entry| {
             // SAFETY: a registered notifier stays alive until its removal,
-            // which cannot complete while this invalidation is counted.
+            // which waits while the sequence is odd, as it is until this
+            // invalidation ends.
             let n = unsafe { e.notifier.as_ref() };
             n.invalidate(&inv, cur_seq) || blockable
         };
-        // SAFETY: this invalidation is counted in `active`, so the entries
-        // cannot change until it ends (invariant on `store`).
+        // SAFETY: this invalidation found an overlap and made the sequence
+        // odd; it stays odd until this one ends, so the entries cannot change
+        // (invariant on `store`).
         let all_agreed = unsafe {
             self.store.with(|store| for_each_overlap(store.entries(), range.start(), range.last(), &mut call))
         };
-        let token = Invalidation { counted: true, seq: cur_seq };
+        let token = Invalidation { seq: cur_seq };
         if !all_agreed {
             self.invalidate_range_end(token);
             return Err(Error::WouldBlock);
@@ -222,16 +250,15 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// Ends an invalidation. When the last running one ends, the sequence
     /// becomes even, postponed inserts/removes apply, and waiters wake.
     pub fn invalidate_range_end(&self, inv: Invalidation) {
-        if !inv.counted {
-            return;
-        }
+        let _ = inv;
         {
             let mut active = self.active.lock();
             *active -= 1;
-            if *active == 0 {
+            let seq = self.seq.load(Ordering::Relaxed);
+            if *active == 0 && seq & 1 == 1 {
                 // SAFETY: locked with no invalidation running.
                 unsafe { self.store.with_mut(apply_deferred) };
-                self.seq.fetch_add(1, Ordering::AcqRel);
+                self.seq.store(seq + 1, Ordering::Release);
             }
         }
         self.waiter.wake_all();
