@@ -1,5 +1,6 @@
 //! Local APIC (xAPIC, memory mapped at 0xfee0_0000): CPU identification and
-//! the INIT / STARTUP inter-processor interrupts used to wake the APs.
+//! the INIT / STARTUP inter-processor interrupts used to wake the APs, and
+//! NMIs for TLB shootdowns.
 //!
 //! The registers are reached through the boot identity map, whose 3..4 GiB
 //! range is mapped with PCD|PWT (uncached), as MMIO must be.
@@ -18,6 +19,7 @@ const REG_ESR: u64 = 0x280;
 const REG_ICR_LOW: u64 = 0x300;
 const REG_ICR_HIGH: u64 = 0x310;
 
+const ICR_DELIVERY_NMI: u32 = 0b100 << 8;
 const ICR_DELIVERY_INIT: u32 = 0b101 << 8;
 const ICR_DELIVERY_STARTUP: u32 = 0b110 << 8;
 const ICR_LEVEL_ASSERT: u32 = 1 << 14;
@@ -82,4 +84,10 @@ pub fn send_init(apic_id: u32) -> Result<(), &'static str> {
 /// Sends a STARTUP IPI: the target starts in real mode at `page << 12`.
 pub fn send_startup(apic_id: u32, page: u8) -> Result<(), &'static str> {
     send_ipi(apic_id, ICR_DELIVERY_STARTUP | ICR_LEVEL_ASSERT | u32::from(page))
+}
+
+/// Sends an NMI to `apic_id`. NMIs arrive even with interrupts disabled
+/// (IF=0), which is how this kernel asks another CPU to flush its TLB.
+pub fn send_nmi(apic_id: u32) -> Result<(), &'static str> {
+    send_ipi(apic_id, ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT)
 }

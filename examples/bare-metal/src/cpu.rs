@@ -53,6 +53,38 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// Writes a model-specific register.
+///
+/// # Safety
+/// Writing an MSR changes how the CPU behaves; the caller must know the
+/// effect of `value` on `msr` (and the MSR must exist, or this raises #GP).
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    let (lo, hi) = (value as u32, (value >> 32) as u32);
+    // SAFETY: forwarded to the caller (see function docs).
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") lo, in("edx") hi, options(nomem, nostack, preserves_flags)) }
+}
+
+/// `cpuid` leaf `leaf` (subleaf 0): `[eax, ebx, ecx, edx]`.
+pub fn cpuid(leaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Turns on EFER.NXE (so the no-execute bit of page-table entries is honoured
+/// instead of being a reserved bit) if the CPU has it. Returns whether it is on.
+pub fn enable_nx() -> bool {
+    const IA32_EFER: u32 = 0xc000_0080;
+    const NXE: u64 = 1 << 11;
+    if cpuid(0x8000_0000)[0] < 0x8000_0001 || cpuid(0x8000_0001)[3] & (1 << 20) == 0 {
+        return false;
+    }
+    // SAFETY: IA32_EFER exists in long mode; setting NXE (checked supported
+    // above) only makes bit 63 of page-table entries meaningful, and no table
+    // in use sets it yet.
+    unsafe { wrmsr(IA32_EFER, rdmsr(IA32_EFER) | NXE) };
+    true
+}
+
 /// Current value of CR2 (the faulting linear address after a #PF).
 pub fn read_cr2() -> u64 {
     let value: u64;
@@ -67,6 +99,17 @@ pub fn read_cr3() -> u64 {
     // SAFETY: reading CR3 has no side effects; we always run at CPL 0.
     unsafe { asm!("mov {}, cr3", out(reg) value, options(nomem, nostack, preserves_flags)) }
     value
+}
+
+/// Loads CR3: switches to the page tables rooted at `pml4` and flushes every
+/// non-global TLB entry.
+///
+/// # Safety
+/// `pml4` must be a valid PML4 that maps the running code, its stack and
+/// everything the caller touches next exactly as the current one does.
+pub unsafe fn write_cr3(pml4: u64) {
+    // SAFETY: forwarded to the caller (see function docs).
+    unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) }
 }
 
 /// Reloads CR3 with its current value, flushing all non-global TLB entries.

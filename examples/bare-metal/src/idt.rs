@@ -8,6 +8,9 @@
 //!
 //! * `#BP` (vector 3) is recoverable: it is counted and execution resumes
 //!   (used by the test suite to prove the IDT works).
+//! * NMI (vector 2) is a TLB shootdown request from another CPU (`tlb.rs`).
+//! * `#PF` (vector 14) on a user address of the running process is resolved
+//!   by `process::cpu_page_fault` (demand-zero, COW) and the access retried.
 //! * Everything else is fatal: the handler prints vector, error code, CR2,
 //!   RIP and registers, then exits QEMU with the failure code.
 //! * `#DF` runs on the per-CPU IST1 stack (see `gdt.rs`).
@@ -19,7 +22,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use crate::gdt::{DOUBLE_FAULT_IST, KERNEL_CS};
 use crate::qemu_exit::{self, ExitCode};
 use crate::sync::InitCell;
-use crate::{apic, cpu, serial};
+use crate::{apic, cpu, process, serial, tlb};
 
 global_asm!(
     r#"
@@ -241,12 +244,18 @@ fn vector_name(vector: u64) -> &'static str {
 /// Called by `isr_common` with the saved state of the interrupted code.
 #[unsafe(no_mangle)]
 extern "C" fn exception_dispatch(frame: &mut ExceptionFrame) {
-    if frame.vector == 3 {
+    match frame.vector {
         // int3 is a trap: RIP already points past it, so just resume.
-        BREAKPOINTS.fetch_add(1, Ordering::Relaxed);
-        return;
+        3 => {
+            BREAKPOINTS.fetch_add(1, Ordering::Relaxed);
+        }
+        // A TLB shootdown request (see `tlb.rs`).
+        2 => tlb::nmi(),
+        // A user page the running process has not mapped (yet) or write
+        // protected: demand-zero or COW; the faulting access is retried.
+        14 if process::cpu_page_fault(cpu::read_cr2(), frame.error_code) => {}
+        _ => fatal(frame),
     }
-    fatal(frame)
 }
 
 fn fatal(f: &ExceptionFrame) -> ! {

@@ -1,23 +1,26 @@
-//! `hmm-bare-metal`: a small x86_64 kernel booted by QEMU through PVH, used to
-//! demonstrate hmm-core (mirroring a process's page tables into a "device").
-//!
-//! Phase 1 (this code) is the skeleton: boot, console, exceptions, physical
-//! memory, a second CPU, and a process address space whose every change is
-//! reported to a hook. See README.md for the boot path and memory layout.
+//! `hmm-bare-metal`: a small x86_64 kernel booted by QEMU through PVH that
+//! runs hmm-core for real: a process address space with live x86_64 tables
+//! (demand-zero and copy-on-write faults, unmap, mprotect, fork, each change
+//! bracketed by hmm-core's invalidation hooks and followed by `invlpg` or an
+//! NMI TLB shootdown), and a device on the second CPU that reaches the
+//! process's memory only through its hmm-core `Mirror`. See README.md.
 //!
 //! Module map (one job each):
 //! * `boot`      — PVH 32-bit entry, early page tables, switch to long mode
 //! * `serial`    — COM1 console, `print!`/`println!`
+//! * `trace`     — `trace!`: the demo's per-CPU event lines
 //! * `qemu_exit` — isa-debug-exit: success 33 / failure 35
 //! * `cpu`       — instruction wrappers, TSC delays
-//! * `sync`      — spin lock, init-once statics
-//! * `gdt`/`idt` — descriptor tables, exception handlers
+//! * `sync`      — spin lock, reader-writer spin lock, init-once statics
+//! * `gdt`/`idt` — descriptor tables, exception handlers (#PF, NMI)
 //! * `pvh`       — `hvm_start_info`: command line + memory map
 //! * `fw_cfg`    — QEMU CPU count
 //! * `memory`    — offset map, frame allocator (poison on free)
 //! * `apic`/`smp`— local APIC IPIs, AP trampoline, per-AP job mailbox
-//! * `process`   — user address space + invalidate hook (hmm-core's input)
-//! * `device`    — the AP-side software walker (hmm-core's future mirror)
+//! * `tlb`       — CR3 switching, `invlpg`, NMI shootdowns
+//! * `process`   — the address space: `hmm_core::AddressSpace`
+//! * `device`    — the device on the AP: `hmm_core::DeviceOps`, TLB, checks
+//! * `race`      — the unmap/remap race both modes run
 //! * `demo`/`ktest` — `mode=demo` and `mode=test`
 //! * `crash`     — `crash=...`: deliberate faults proving failures are loud
 
@@ -28,6 +31,8 @@
 
 #[macro_use]
 mod serial;
+#[macro_use]
+mod trace;
 
 mod apic;
 mod boot;
@@ -43,8 +48,10 @@ mod memory;
 mod process;
 mod pvh;
 mod qemu_exit;
+mod race;
 mod smp;
 mod sync;
+mod tlb;
 
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -87,6 +94,9 @@ extern "C" fn kernel_main(start_info_paddr: u64) -> ! {
 
     let mapped = memory::paging::init_offset_map(boot.ram_top());
     println!("  offset map: phys [0, {:#x}) at {:#x} (2 MiB pages)", mapped, memory::phys::PHYS_OFFSET);
+    tlb::init();
+    let nx = cpu::enable_nx();
+    process::set_nx(nx);
     FRAMES.init(boot.ram_regions(), memory::kernel_end());
     let stats = FRAMES.stats();
     println!(
@@ -111,6 +121,7 @@ extern "C" fn kernel_main(start_info_paddr: u64) -> ! {
     }
     let online = (0..cpus).filter(|&c| smp::is_online(c)).count();
     println!("  cpus: {online}/{cpus} online (cmdline cpus={:?}, fw_cfg says {:?})", boot.cpus, fw_cpus);
+    println!("  no-execute bit for user pages: {}", if nx { "on (EFER.NXE)" } else { "unsupported" });
     println!("  boot took {} TSC ticks", cpu::rdtsc() - t0);
     println!();
 

@@ -15,7 +15,9 @@
 //!    and IDT and sets its `ONLINE` flag,
 //! 5. the BSP sees the flag and moves on to the next AP.
 //!
-//! Afterwards each AP sits in [`ap_main`], polling its [`Mailbox`].
+//! Afterwards each AP sits in [`ap_main`], polling its [`Mailbox`]: [`run_on`]
+//! runs a job there and waits for it, [`post`] + [`wait`] let the boot CPU work
+//! while the AP runs (the device loop of `device.rs`).
 
 use core::arch::global_asm;
 use core::ptr;
@@ -261,16 +263,59 @@ fn ap_main(cpu_index: usize) -> ! {
     }
 }
 
+/// Runs `on_ap` on AP `cpu` while `here` runs on this CPU, and returns
+/// `here`'s result once both have finished. Panics if the AP does not finish
+/// within ~30 s after `here` (it would still be borrowing this stack frame).
+pub fn concurrently<T>(cpu_index: usize, on_ap: &(dyn Fn() + Sync), here: impl FnOnce() -> T) -> Result<T, SmpError> {
+    let f: &(dyn Fn() + Sync) = on_ap;
+    post(cpu_index, closure_job, [&raw const f as u64, 0, 0, 0])?;
+    let result = here();
+    if let Err(e) = wait(cpu_index, 30_000_000) {
+        panic!("cpu {cpu_index} did not finish its part: {e:?}");
+    }
+    Ok(result)
+}
+
+/// Runs `f` on AP `cpu` and returns its result.
+pub fn call<R: Send>(cpu_index: usize, f: impl Fn() -> R + Sync) -> Result<R, SmpError> {
+    let out = SpinLock::new(None);
+    concurrently(cpu_index, &|| *out.lock() = Some(f()), || ())?;
+    Ok(out.lock().take().expect("the AP ran the closure"))
+}
+
+fn closure_job(_cpu: usize, args: [u64; 4]) -> [u64; 4] {
+    // SAFETY: `concurrently` passed the address of a `&(dyn Fn() + Sync)` on
+    // its stack and does not return before this job has finished.
+    let f = unsafe { *(args[0] as *const &(dyn Fn() + Sync)) };
+    f();
+    [0; 4]
+}
+
 /// Runs `job(cpu, args)` on AP `cpu` and waits (up to ~10 s) for the answer.
 pub fn run_on(cpu_index: usize, job: Job, args: [u64; 4]) -> Result<[u64; 4], SmpError> {
+    post(cpu_index, job, args)?;
+    wait(cpu_index, 10_000_000)
+}
+
+/// Starts `job(cpu, args)` on AP `cpu` without waiting; collect the answer
+/// with [`wait`]. The AP must be idle (no job posted and not yet waited for).
+pub fn post(cpu_index: usize, job: Job, args: [u64; 4]) -> Result<(), SmpError> {
     if cpu_index == 0 || cpu_index >= MAX_CPUS || !is_online(cpu_index) {
         return Err(SmpError::NoSuchCpu(cpu_index));
     }
     let mailbox = &MAILBOXES[cpu_index];
+    assert!(!mailbox.pending.load(Ordering::Acquire), "cpu {cpu_index} is still busy with a job");
     *mailbox.response.lock() = None;
     *mailbox.request.lock() = Some((job, args));
     mailbox.pending.store(true, Ordering::Release);
-    let deadline = cpu::Deadline::after_us(10_000_000);
+    Ok(())
+}
+
+/// Waits up to `timeout_us` for the job posted to AP `cpu` to finish and
+/// returns its answer.
+pub fn wait(cpu_index: usize, timeout_us: u64) -> Result<[u64; 4], SmpError> {
+    let mailbox = MAILBOXES.get(cpu_index).ok_or(SmpError::NoSuchCpu(cpu_index))?;
+    let deadline = cpu::Deadline::after_us(timeout_us);
     while mailbox.pending.load(Ordering::Acquire) {
         if deadline.expired() {
             return Err(SmpError::JobTimeout(cpu_index));

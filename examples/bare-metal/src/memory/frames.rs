@@ -174,6 +174,38 @@ impl FrameAllocator {
         None
     }
 
+    /// Allocates `1 << order` physically contiguous frames whose first frame
+    /// is aligned to their total size (order 9: a 2 MiB chunk for a huge
+    /// leaf). Contents are unspecified. Free them one frame at a time.
+    pub fn alloc_aligned(&self, order: u32) -> Option<PhysFrame> {
+        let count = 1usize << order;
+        let align = PAGE_SIZE << order;
+        let mut guard = self.inner.lock();
+        let inner = guard.as_mut().expect("frame allocator not initialised");
+        if inner.free < count {
+            return None;
+        }
+        let mut p = inner.base.next_multiple_of(align);
+        while p + align <= inner.base + inner.frames as u64 * PAGE_SIZE {
+            let first = ((p - inner.base) / PAGE_SIZE) as usize;
+            if let Some(used) = (first..first + count).rev().find(|&i| inner.test(inner.used, i)) {
+                // Skip past the used frame, to the next aligned start.
+                p = (inner.base + (used as u64 + 1) * PAGE_SIZE).next_multiple_of(align);
+                continue;
+            }
+            for i in first..first + count {
+                inner.set(inner.used, i, true);
+                if inner.test(inner.poisoned, i) {
+                    inner.set(inner.poisoned, i, false);
+                    check_poison(PhysFrame::containing(inner.base + i as u64 * PAGE_SIZE));
+                }
+            }
+            inner.free -= count;
+            return Some(PhysFrame::containing(p));
+        }
+        None
+    }
+
     /// Allocates one zero-filled frame.
     pub fn alloc_zeroed(&self) -> Option<PhysFrame> {
         let frame = self.alloc()?;
@@ -246,4 +278,15 @@ pub fn peek(frame: PhysFrame) -> u64 {
     // SAFETY: any managed frame is offset mapped; a volatile read of a word
     // has no side effects.
     unsafe { ptr::read_volatile(frame.as_ptr::<u64>()) }
+}
+
+/// hmm-core takes frames for its mirror tables from the kernel allocator.
+impl hmm_core::FrameAllocator for FrameAllocator {
+    fn alloc_frame(&self) -> Option<u64> {
+        self.alloc().map(PhysFrame::start)
+    }
+
+    unsafe fn free_frame(&self, frame: u64) {
+        self.free(PhysFrame::containing(frame));
+    }
 }

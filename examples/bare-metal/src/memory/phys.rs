@@ -41,11 +41,6 @@ pub fn phys_to_virt(paddr: u64) -> *mut u8 {
 pub struct PhysFrame(u64);
 
 impl PhysFrame {
-    /// The frame starting at `paddr`, or `None` if `paddr` is not 4 KiB aligned.
-    pub const fn from_start(paddr: u64) -> Option<Self> {
-        if paddr.is_multiple_of(PAGE_SIZE) { Some(Self(paddr)) } else { None }
-    }
-
     /// The frame containing `paddr`.
     pub const fn containing(paddr: u64) -> Self {
         Self(paddr & !(PAGE_SIZE - 1))
