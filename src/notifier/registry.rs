@@ -206,8 +206,9 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// overlaps), then calls every overlapping notifier. Returns the token
     /// for [`invalidate_range_end`](Self::invalidate_range_end).
     ///
-    /// With `blockable = false`, a callback may refuse; then the invalidation
-    /// is ended here and [`Error::WouldBlock`] returned (do not call `end`).
+    /// With `blockable = true` it never fails. With `blockable = false`, a
+    /// callback may refuse; then the invalidation is ended here and
+    /// [`Error::WouldBlock`] returned (do not call `end`).
     pub fn invalidate_range_start(&self, range: VaRange, event: Event, blockable: bool) -> Result<Invalidation> {
         let cur_seq = {
             let mut active = self.active.lock();
