@@ -57,7 +57,9 @@ pub struct FaultStats {
 ///
 /// Errors: validation errors of the range, [`Error::OutOfRange`] if the range
 /// is not inside `interval`, [`Error::BadLength`], [`Error::Released`],
-/// [`Error::Busy`] (an invalidation hit `interval` since `seq`),
+/// [`Error::Busy`] (an invalidation hit `interval` since `seq`, seen before
+/// anything was faulted; after a fault the walk completes and only the
+/// caller's mandatory `read_retry` under its driver lock decides),
 /// [`Error::Fault`] (a required page has no region, an IO region, no read
 /// permission, or the handler failed), [`Error::Perm`] (write required on a
 /// region without write), [`Error::NoMemory`] (from the handler). On error the
@@ -88,7 +90,11 @@ pub fn range_fault<'g, S: AddressSpace>(
         if space.notifiers().is_released() {
             return Err(Error::Released);
         }
-        if space.notifiers().check_retry(interval, seq) {
+        // Once this call faulted something, the kernel's own invalidations
+        // (a COW break, say) have moved the sequence: finish the walk so one
+        // attempt faults every missing run, and leave the verdict to the
+        // caller's `read_retry`.
+        if stats.handler_calls == 0 && space.notifiers().check_retry(interval, seq) {
             return Err(Error::Busy);
         }
         let index = |va: u64| ((va - range.start()) >> page_shift) as usize;

@@ -46,8 +46,10 @@ pub trait DeviceOps: Sync {
 /// Retry budget and identity of a mirror.
 #[derive(Clone, Copy, Debug)]
 pub struct MirrorConfig {
-    /// Retries (collisions with invalidations) a fault may take before
-    /// returning [`Error::Busy`].
+    /// Retries (collisions with invalidations) each 64-page batch of a fault
+    /// may take before returning [`Error::Busy`]. Retries caused by the
+    /// fault's own progress (its handler breaking COW invalidates the mirror
+    /// too) are free, at most one per page.
     pub max_retries: u32,
     /// Optional clock for a time budget (any monotonic tick).
     pub clock: Option<fn() -> u64>,
@@ -272,12 +274,11 @@ where
         bump(&self.counters.faults, 1);
         let page_shift = CpuGeometry::<S>::PAGE_SHIFT;
         let started = self.config.clock.map(|c| c());
-        let mut retries = 0u32;
         let mut va = range.start();
         loop {
             let pages = (range.pages(page_shift) - ((va - range.start()) >> page_shift)).min(BATCH as u64);
             let chunk = VaRange::from_inclusive(va, va + ((pages << page_shift) - 1));
-            self.fault_batch(chunk, write, started, &mut retries)?;
+            self.fault_batch(chunk, write, started)?;
             if chunk.last() == range.last() {
                 return Ok(());
             }
@@ -291,6 +292,10 @@ where
     ///
     /// Errors: as [`fault`](Self::fault), plus [`Error::BadLength`].
     pub fn snapshot(&self, range: VaRange, out: &mut [Pfn]) -> Result<()> {
+        range.check::<CpuGeometry<S>>()?;
+        if !self.interval.range().contains(&range) {
+            return Err(Error::OutOfRange);
+        }
         if !self.interval.is_registered() {
             return Err(Error::Unregistered);
         }
@@ -327,13 +332,15 @@ where
         retries > self.config.max_retries || timed_out
     }
 
-    fn fault_batch(&self, chunk: VaRange, write: bool, started: Option<u64>, retries: &mut u32) -> Result<()> {
+    fn fault_batch(&self, chunk: VaRange, write: bool, started: Option<u64>) -> Result<()> {
         let notifiers = self.space.notifiers();
         let mut buf = [Pfn::NONE; BATCH];
         let pfns = &mut buf[..chunk.pages(CpuGeometry::<S>::PAGE_SHIFT) as usize];
         let flags = Pfn::REQ_FAULT | if write { Pfn::REQ_WRITE } else { 0 };
+        let mut retries = 0u32;
+        let mut progress_retries = 0usize;
         loop {
-            if self.over_budget(started, *retries) {
+            if self.over_budget(started, retries) {
                 return Err(Error::Busy);
             }
             let seq = notifiers.read_begin(&self.interval);
@@ -348,19 +355,25 @@ where
                 };
                 range_fault(self.space, &guard, &self.interval, seq, &mut req)
             };
-            match walked {
+            let progressed = match walked {
                 Err(Error::Busy) => {
-                    *retries += 1;
+                    retries += 1;
                     bump(&self.counters.retries, 1);
                     continue;
                 }
                 Err(e) => return Err(e),
-                Ok(_) => {}
-            }
+                Ok(stats) => stats.handler_calls > 0,
+            };
             let mut table = self.table.lock();
             if notifiers.read_retry(&self.interval, seq) {
                 drop(table);
-                *retries += 1;
+                // A walk that faulted pages in moved the sequence itself; that
+                // retry is progress, not contention (bounded by the pages).
+                if progressed && progress_retries < pfns.len() {
+                    progress_retries += 1;
+                } else {
+                    retries += 1;
+                }
                 bump(&self.counters.retries, 1);
                 continue;
             }
@@ -451,13 +464,23 @@ where
     L: RawLock,
 {
     fn drop(&mut self) {
+        // Empty mirror and device under the update lock first (callbacks may
+        // still run until `remove` returns), so no translation outlives the
+        // registration; then leave the registry, then free the table.
+        let table = {
+            let mut guard = self.table.lock();
+            let mut table = guard.take();
+            if let Some(t) = table.as_mut() {
+                self.clear_device(t, Event::Release);
+            }
+            table
+        };
         if self.interval.is_registered() {
-            // `remove` waits for a running invalidation; afterwards no
-            // callback can reach `self`, so the memory may go.
+            // Waits for a running invalidation; afterwards no callback can
+            // reach `self`, so the memory may go.
             let _ = self.space.notifiers().remove(&*self);
         }
-        if let Some(mut table) = self.table.get_mut().take() {
-            self.clear_device(&mut table, Event::Release);
+        if let Some(table) = table {
             table.destroy(self.space.phys(), self.alloc);
         }
     }

@@ -24,6 +24,10 @@
 //! wait. Invalidation callbacks take only the driver update lock; they never
 //! allocate and never wait on a fault-side lock.
 
+/// Inserts and removes that can wait for the end of running invalidations;
+/// more wait for them to end first.
+pub const MAX_PENDING: usize = 16;
+
 mod index;
 mod registry;
 mod store;

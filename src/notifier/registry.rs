@@ -2,7 +2,8 @@
 //! notifiers.
 
 use super::index::{for_each_overlap, insertion_point, rebuild};
-use super::store::{Deferred, Entry, EntryStore};
+use super::store::{Entry, EntryStore};
+use super::MAX_PENDING;
 use super::{Event, Interval, InvalidateRange, Notifier, REGISTERED, UNREGISTERED};
 use crate::range::VaRange;
 use crate::sync::shim::{AtomicBool, AtomicU64, RawCell};
@@ -18,17 +19,30 @@ use core::sync::atomic::Ordering;
 pub struct NotifierRegistry<S: EntryStore, W: Waiter = SpinWait> {
     /// Count of running invalidations; a short spin lock, never held across
     /// a callback or a wait.
-    active: LockCell<SpinLock, usize>,
+    active: LockCell<SpinLock, State>,
     // INVARIANT: `store` entries are modified only with `active` locked and
     // the sequence even; they are read either with `active` locked or by an
     // invalidation that found an overlap (it made the sequence odd, and the
     // sequence stays odd until every running invalidation ended, so no
-    // modification can run). Postponed operations are touched only with
-    // `active` locked.
+    // modification can run). Postponed operations live in `active`.
     store: RawCell<S>,
     seq: AtomicU64,
     released: AtomicBool,
     waiter: W,
+}
+
+/// Running invalidations and the operations postponed until they end.
+#[derive(Debug, Default)]
+struct State {
+    active: usize,
+    deferred: heapless::Vec<Deferred, MAX_PENDING>,
+}
+
+/// An insert or remove postponed until no invalidation is running.
+#[derive(Clone, Copy, Debug)]
+struct Deferred {
+    insert: bool,
+    entry: Entry,
 }
 
 // SAFETY: all shared access to `store` follows the invariant above; `S` is
@@ -67,7 +81,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// An empty registry.
     pub fn new() -> Self {
         Self {
-            active: LockCell::new(0),
+            active: LockCell::new(State::default()),
             store: RawCell::new(S::default()),
             seq: AtomicU64::new(0),
             released: AtomicBool::new(false),
@@ -92,41 +106,54 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
         // in place until `remove` returns, after which the pointer is gone.
         let ptr: NonNull<dyn Notifier> = unsafe { core::mem::transmute(NonNull::from(notifier)) };
         let entry = Entry { start: range.start(), last: range.last(), max_last: range.last(), notifier: ptr };
-        let active = self.active.lock();
-        if self.released.load(Ordering::Acquire) {
-            return Err(Error::Released);
-        }
-        if interval.is_registered() {
-            return Err(Error::Busy);
-        }
-        // SAFETY: `active` is locked; the store changes only with the
-        // sequence even (invariant on `store`).
-        unsafe {
-            self.store.with_mut(|store| {
-                if store.room() == Some(0) {
-                    return Err(Error::Capacity);
+        loop {
+            let wait_seq = {
+                let mut state = self.active.lock();
+                if self.released.load(Ordering::Acquire) {
+                    return Err(Error::Released);
                 }
-                if *active == 0 {
+                if interval.is_registered() {
+                    return Err(Error::Busy);
+                }
+                if state.active == 0 {
+                    // SAFETY: `active` is locked and zero: nobody reads the
+                    // store outside the lock (invariant on `store`).
+                    unsafe {
+                        self.store.with_mut(|store| {
+                            let at = insertion_point(store.entries(), entry.start);
+                            store.insert(at, entry).map_err(|_| Error::Capacity)?;
+                            store.reserve_spare();
+                            rebuild(store.entries_mut());
+                            Ok(())
+                        })
+                    }?;
                     // An even sequence minus one: never equal to the
                     // registry's, so read_begin does not wait.
                     let seq = self.seq.load(Ordering::Relaxed);
                     interval.seq.store(seq.wrapping_sub(1), Ordering::Release);
-                    let at = insertion_point(store.entries(), entry.start);
-                    store.insert(at, entry).map_err(|_| Error::Capacity)?;
-                    rebuild(store.entries_mut());
-                } else {
-                    // A running invalidation may be changing this range even
-                    // if it overlapped nothing when it started: count the new
-                    // interval as invalidated (odd sequence, read_begin
-                    // waits) and insert it when the last one ends.
-                    store.defer(Deferred { insert: true, entry }).map_err(|_| Error::Capacity)?;
-                    let seq = self.seq.load(Ordering::Relaxed) | 1;
-                    self.seq.store(seq, Ordering::Release);
-                    interval.seq.store(seq, Ordering::Release);
+                    break;
                 }
-                Ok(())
-            })
-        }?;
+                let pending = state.deferred.iter().filter(|d| d.insert).count();
+                // SAFETY: a shared read, as invalidations do (invariant on `store`).
+                let (room, spare) = unsafe { self.store.with(|st| (st.room(), st.spare())) };
+                if room.is_some_and(|r| pending >= r) {
+                    return Err(Error::Capacity);
+                }
+                // A running invalidation may be changing this range even if
+                // it overlapped nothing when it started: count the new
+                // interval as invalidated (odd sequence, read_begin waits).
+                let seq = self.seq.load(Ordering::Relaxed) | 1;
+                self.seq.store(seq, Ordering::Release);
+                if pending < spare && state.deferred.push(Deferred { insert: true, entry }).is_ok() {
+                    // Inserted when the last invalidation ends.
+                    interval.seq.store(seq, Ordering::Release);
+                    break;
+                }
+                seq
+            };
+            // No room to postpone without allocating: wait for the end.
+            self.waiter.wait_until(&|| self.seq.load(Ordering::Acquire) != wait_seq);
+        }
         interval.state.store(REGISTERED, Ordering::Release);
         Ok(())
     }
@@ -147,38 +174,46 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
         let mut postponed = false;
         loop {
             let step = {
-                let _active = self.active.lock();
+                let mut state = self.active.lock();
                 if !notifier.interval().is_registered() {
                     return Err(Error::Unregistered);
                 }
                 let seq = self.seq.load(Ordering::Relaxed);
-                // SAFETY: `active` is locked; entries change only while the
-                // sequence is even (invariant on `store`).
-                unsafe {
-                    self.store.with_mut(|store| {
-                        // A pending insert never reached the tree: cancel it.
-                        if let Some(i) =
-                            store.deferred().iter().position(|d| d.insert && same(d.entry.notifier, target))
-                        {
-                            store.undefer(i);
-                            return Step::Removed;
+                if let Some(i) = state.deferred.iter().position(|d| d.insert && same(d.entry.notifier, target)) {
+                    // A pending insert never reached the tree: cancel it.
+                    state.deferred.remove(i);
+                    Step::Removed
+                } else if seq & 1 == 0 {
+                    // SAFETY: `active` is locked and the sequence even:
+                    // nobody reads the store outside the lock.
+                    unsafe {
+                        self.store.with_mut(|store| {
+                            match store.entries().iter().position(|e| same(e.notifier, target)) {
+                                Some(at) => {
+                                    store.remove(at);
+                                    rebuild(store.entries_mut());
+                                    Step::Removed
+                                }
+                                None => Step::NotHere,
+                            }
+                        })
+                    }
+                } else {
+                    // SAFETY: a shared read, as invalidations do.
+                    let here = unsafe {
+                        self.store.with(|store| store.entries().iter().find(|e| same(e.notifier, target)).copied())
+                    };
+                    match here {
+                        None => Step::NotHere,
+                        Some(entry) => {
+                            // Invalidations may be calling it: postpone to the
+                            // end of the last one (with no room, wait and retry).
+                            if !state.deferred.iter().any(|d| !d.insert && same(d.entry.notifier, target)) {
+                                let _ = state.deferred.push(Deferred { insert: false, entry });
+                            }
+                            Step::Postponed(seq)
                         }
-                        let Some(at) = store.entries().iter().position(|e| same(e.notifier, target)) else {
-                            return Step::NotHere;
-                        };
-                        if seq & 1 == 0 {
-                            store.remove(at);
-                            rebuild(store.entries_mut());
-                            return Step::Removed;
-                        }
-                        // Invalidations may be calling it: postpone to the
-                        // end of the last one (with no room, wait and retry).
-                        let entry = store.entries()[at];
-                        if !store.deferred().iter().any(|d| !d.insert && same(d.entry.notifier, target)) {
-                            let _ = store.defer(Deferred { insert: false, entry });
-                        }
-                        Step::Postponed(seq)
-                    })
+                    }
                 }
             };
             match step {
@@ -214,7 +249,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
             let mut active = self.active.lock();
             // Every invalidation is counted, overlapping or not: an interval
             // inserted meanwhile must wait for it (see `insert`).
-            *active += 1;
+            active.active += 1;
             // SAFETY: `active` is locked: no modification runs.
             let overlaps = unsafe {
                 self.store.with(|store| !for_each_overlap(store.entries(), range.start(), range.last(), &mut |_| false))
@@ -253,12 +288,13 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     pub fn invalidate_range_end(&self, inv: Invalidation) {
         let _ = inv;
         {
-            let mut active = self.active.lock();
-            *active -= 1;
+            let mut state = self.active.lock();
+            state.active -= 1;
             let seq = self.seq.load(Ordering::Relaxed);
-            if *active == 0 && seq & 1 == 1 {
+            if state.active == 0 && seq & 1 == 1 {
+                let deferred = core::mem::take(&mut state.deferred);
                 // SAFETY: locked with no invalidation running.
-                unsafe { self.store.with_mut(apply_deferred) };
+                unsafe { self.store.with_mut(|store| apply_deferred(store, &deferred)) };
                 self.seq.store(seq + 1, Ordering::Release);
             }
         }
@@ -284,6 +320,10 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// Starts a read-side critical section for `interval`: waits while an
     /// invalidation covering it runs, then returns its sequence.
     pub fn read_begin(&self, interval: &Interval) -> u64 {
+        // No invalidation can reach an unregistered interval: nothing to wait for.
+        if !interval.is_registered() {
+            return interval.seq();
+        }
         loop {
             let seq = interval.seq();
             if seq != self.seq.load(Ordering::Acquire) {
@@ -324,16 +364,15 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     }
 }
 
-/// Applies postponed inserts and removes, in order.
-fn apply_deferred<S: EntryStore>(store: &mut S) {
-    if store.deferred().is_empty() {
+/// Applies postponed inserts and removes, in order. Never allocates: room
+/// for the inserts was checked when they were postponed.
+fn apply_deferred<S: EntryStore>(store: &mut S, deferred: &[Deferred]) {
+    if deferred.is_empty() {
         return;
     }
-    while !store.deferred().is_empty() {
-        let op = store.undefer(0);
+    for op in deferred {
         if op.insert {
             let at = insertion_point(store.entries(), op.entry.start);
-            // Room was reserved when the insert was accepted.
             let _ = store.insert(at, op.entry);
         } else if let Some(at) =
             store.entries().iter().position(|e| same(e.notifier, op.entry.notifier.as_ptr().cast::<()>()))

@@ -18,14 +18,7 @@ pub struct Entry {
 // insert contract keeps it alive while the entry exists.
 unsafe impl Send for Entry {}
 
-/// An insert or remove postponed until no invalidation is running.
-#[derive(Clone, Copy, Debug)]
-pub struct Deferred {
-    pub(super) insert: bool,
-    pub(super) entry: Entry,
-}
-
-/// Storage for registry entries and postponed operations.
+/// Storage for registry entries, kept sorted by start.
 pub trait EntryStore: Default + Send {
     /// Entries, sorted by start.
     fn entries(&self) -> &[Entry];
@@ -35,21 +28,20 @@ pub trait EntryStore: Default + Send {
     fn insert(&mut self, index: usize, entry: Entry) -> Result<(), Entry>;
     /// Removes the entry at `index`.
     fn remove(&mut self, index: usize) -> Entry;
-    /// Postponed operations, in order.
-    fn deferred(&self) -> &[Deferred];
-    /// Appends a postponed operation; `Err` when full.
-    fn defer(&mut self, op: Deferred) -> Result<(), Deferred>;
-    /// Removes the postponed operation at `index`.
-    fn undefer(&mut self, index: usize) -> Deferred;
-    /// Room for this many more entries, counting pending inserts (`None`: unbounded).
+    /// Entries that can still be inserted at all (`None`: unbounded).
     fn room(&self) -> Option<usize>;
+    /// Entries that can be inserted without allocating: the invalidation
+    /// path applies postponed inserts and must not allocate.
+    fn spare(&self) -> usize;
+    /// Makes [`spare`](Self::spare) at least [`MAX_PENDING`](super::MAX_PENDING)
+    /// where the store can grow; called with no invalidation running.
+    fn reserve_spare(&mut self) {}
 }
 
 /// Fixed capacity of `N` notifiers, no heap.
 #[derive(Debug, Default)]
 pub struct FixedStore<const N: usize> {
     entries: heapless::Vec<Entry, N>,
-    deferred: heapless::Vec<Deferred, N>,
 }
 
 impl<const N: usize> EntryStore for FixedStore<N> {
@@ -65,27 +57,28 @@ impl<const N: usize> EntryStore for FixedStore<N> {
     fn remove(&mut self, index: usize) -> Entry {
         self.entries.remove(index)
     }
-    fn deferred(&self) -> &[Deferred] {
-        &self.deferred
-    }
-    fn defer(&mut self, op: Deferred) -> Result<(), Deferred> {
-        self.deferred.push(op)
-    }
-    fn undefer(&mut self, index: usize) -> Deferred {
-        self.deferred.remove(index)
-    }
     fn room(&self) -> Option<usize> {
-        let pending = self.deferred.iter().filter(|d| d.insert).count();
-        Some(N.saturating_sub(self.entries.len() + pending))
+        Some(N - self.entries.len())
+    }
+    fn spare(&self) -> usize {
+        N - self.entries.len()
     }
 }
 
-/// Unbounded storage on the global allocator.
+/// Unbounded storage on the global allocator. It keeps room for
+/// [`MAX_PENDING`](super::MAX_PENDING) more entries, so applying postponed
+/// inserts never allocates.
 #[cfg(feature = "alloc")]
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct VecStore {
     entries: alloc::vec::Vec<Entry>,
-    deferred: alloc::vec::Vec<Deferred>,
+}
+
+#[cfg(feature = "alloc")]
+impl Default for VecStore {
+    fn default() -> Self {
+        Self { entries: alloc::vec::Vec::with_capacity(super::MAX_PENDING) }
+    }
 }
 
 #[cfg(feature = "alloc")]
@@ -100,20 +93,16 @@ impl EntryStore for VecStore {
         self.entries.insert(index, entry);
         Ok(())
     }
+    fn reserve_spare(&mut self) {
+        self.entries.reserve(super::MAX_PENDING);
+    }
     fn remove(&mut self, index: usize) -> Entry {
         self.entries.remove(index)
     }
-    fn deferred(&self) -> &[Deferred] {
-        &self.deferred
-    }
-    fn defer(&mut self, op: Deferred) -> Result<(), Deferred> {
-        self.deferred.push(op);
-        Ok(())
-    }
-    fn undefer(&mut self, index: usize) -> Deferred {
-        self.deferred.remove(index)
-    }
     fn room(&self) -> Option<usize> {
         None
+    }
+    fn spare(&self) -> usize {
+        self.entries.capacity() - self.entries.len()
     }
 }

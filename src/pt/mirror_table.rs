@@ -9,7 +9,7 @@
 //! Directories are freed only by [`MirrorTable::prune`], which the mirror
 //! calls after the device flushed its TLB.
 
-use crate::arch::PagingGeometry;
+use crate::arch::{PagingGeometry, MAX_LEVELS};
 use crate::frame::FrameAllocator;
 use crate::phys::{entry, PhysMem};
 use crate::range::VaRange;
@@ -102,7 +102,15 @@ fn alloc_table<P: PhysMem + ?Sized, A: FrameAllocator + ?Sized>(phys: &P, alloc:
 
 impl<G: PagingGeometry> MirrorTable<G> {
     /// An empty table (one root frame).
+    ///
+    /// Errors: [`Error::Unencodable`] if `G` does not describe 4 KiB pages
+    /// with tables of at most 512 entries (every table is one 4 KiB frame and
+    /// every entry one 4 KiB page), [`Error::NoMemory`].
     pub fn new<P: PhysMem + ?Sized, A: FrameAllocator + ?Sized>(phys: &P, alloc: &A) -> Result<Self> {
+        let levels_ok = G::LEVELS > 0 && G::LEVELS <= MAX_LEVELS;
+        if G::PAGE_SHIFT != 12 || !levels_ok || G::INDEX_BITS[..G::LEVELS].iter().any(|&b| b > 9) {
+            return Err(Error::Unencodable);
+        }
         Ok(Self { root: alloc_table(phys, alloc)?, dirs: 1, _g: PhantomData })
     }
 
@@ -118,6 +126,9 @@ impl<G: PagingGeometry> MirrorTable<G> {
 
     /// The translation of `va`, if valid.
     pub fn lookup<P: PhysMem + ?Sized>(&self, phys: &P, va: u64) -> Option<MirrorEntry> {
+        if !G::is_canonical(va) {
+            return None;
+        }
         let mut table = self.root;
         let mut level = G::LEVELS - 1;
         loop {
@@ -145,6 +156,7 @@ impl<G: PagingGeometry> MirrorTable<G> {
         alloc: &A,
         range: VaRange,
     ) -> Result<()> {
+        range.check::<G>()?;
         let r = self.reserve_in(phys, alloc, self.root, G::LEVELS - 1, range.start(), range.last(), None);
         if r.is_err() {
             self.prune(phys, alloc, range);
@@ -190,19 +202,25 @@ impl<G: PagingGeometry> MirrorTable<G> {
 
     /// Writes the entry `f(va)` (or clears it for `None`) for every page of
     /// `range`. Directories must exist ([`reserve`](Self::reserve)); pages
-    /// without one are skipped.
+    /// without one are skipped, and so is a range `G` cannot translate.
     pub fn set<P: PhysMem + ?Sized>(
         &mut self,
         phys: &P,
         range: VaRange,
         f: &mut dyn FnMut(u64) -> Option<MirrorEntry>,
     ) {
+        if range.check::<G>().is_err() {
+            return;
+        }
         Self::update_in(phys, self.root, G::LEVELS - 1, range.start(), range.last(), None, f);
     }
 
     /// Clears every entry of `range`; returns how many were valid. Empty
     /// directories stay until [`prune`](Self::prune).
     pub fn clear<P: PhysMem + ?Sized>(&mut self, phys: &P, range: VaRange) -> u64 {
+        if range.check::<G>().is_err() {
+            return 0;
+        }
         Self::update_in(phys, self.root, G::LEVELS - 1, range.start(), range.last(), None, &mut |_| None)
     }
 
@@ -251,6 +269,9 @@ impl<G: PagingGeometry> MirrorTable<G> {
     /// Frees every directory under `range` that holds no entry. Call only
     /// after the device can no longer walk them (its TLB was flushed).
     pub fn prune<P: PhysMem + ?Sized, A: FrameAllocator + ?Sized>(&mut self, phys: &P, alloc: &A, range: VaRange) {
+        if range.check::<G>().is_err() {
+            return;
+        }
         let freed = Self::prune_in(phys, alloc, self.root, G::LEVELS - 1, range.start(), range.last(), None);
         self.dirs -= freed;
     }
