@@ -1,0 +1,886 @@
+//! Loom model checking of the HMM coherence protocol.
+//!
+//! Quick run (CI), about 10 s:
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS=2 cargo test --release --test loom`
+//! Long run: the same with `LOOM_MAX_PREEMPTIONS=3`. Add `-- --nocapture` to
+//! see the number of explored executions and the time of each model.
+//! `-- --include-ignored` adds the models that currently fail because of
+//! issues found by these models are fixed; every model runs.
+//!
+//! Models: (1) a device fault racing munmap / a COW-style remap / munmap of a
+//! hole; (2) a fault racing two overlapping MADV_DONTNEED-style zaps; (3)
+//! notifier insert and remove during an invalidation, and a mirror
+//! registering while a zap runs; (4) `Mirror::unregister`, drop and
+//! `NotifierRegistry::release` racing a fault or an unmap.
+//!
+//! Under `--cfg loom` the registry, the intervals, the mirror's update lock
+//! and `SpinWait` are loom-modelled (see `src/sync/shim.rs`). The kernel here
+//! is a minimal one built for loom: a heap arena as physical memory with real
+//! x86_64 4-level tables, one region, a `loom::sync::RwLock` as the mmap lock,
+//! a `loom::sync::Mutex` as the page-table lock and as the frame allocator.
+//!
+//! Observers (which frames the kernel freed, what the device maps, flags set
+//! after a call returned) are loom atomics used with `Relaxed` only: loom
+//! sees them, so its partial-order reduction explores the orders the checks
+//! depend on (a plain atomic would be invisible to it), yet they add no
+//! happens-before edge that could hide a missing synchronisation in the code
+//! under test. A `Relaxed` load may return any value the memory model allows,
+//! so "the device still maps the frame the kernel frees" fires exactly when
+//! the device's unmapping does not happen-before the free.
+//!
+//! The invariant checked everywhere is Linux HMM's: at every instant the CPU
+//! and the device map the same frame for an address, or one of them maps
+//! nothing, so a frame the kernel frees is never mapped by the device.
+#![cfg(loom)]
+
+use core::pin::Pin;
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use hmm_core::arch::x86_64::X86_64Level4;
+use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView};
+use hmm_core::notifier::FixedStore;
+use hmm_core::pt::Pfn;
+use hmm_core::sync::{RawLock, SpinLock, SpinWait, Waiter};
+use hmm_core::{
+    AddressSpace, DeviceOps, Error, Event, FrameAllocator, Interval, InvalidateRange, Mirror, MirrorConfig, Notifier,
+    NotifierRegistry, PhysMem, Region, RegionFlags, Result, VaRange,
+};
+use loom::sync::{Mutex, RwLock, RwLockReadGuard};
+use loom::thread;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Physical address of the arena.
+const BASE: u64 = 0x10_0000;
+/// Frames in the arena (one bit each in the allocator's bitmap).
+const FRAMES: usize = 24;
+const PAGE: u64 = 4096;
+/// Start of the single region.
+const VA: u64 = 0x40_0000;
+/// Most pages a model uses.
+const MAX_PAGES: usize = 3;
+/// Default bound on scheduling decisions per execution (`LOOM_MAX_BRANCHES`).
+const MAX_BRANCHES: usize = 100_000;
+/// Byte written over a frame when it is freed.
+const POISON: u8 = 0xa5;
+
+type Registry<W = SpinWait> = NotifierRegistry<FixedStore<4>, W>;
+type DevMirror<W = SpinWait, L = SpinLock> = Mirror<'static, Kernel<W>, Device<W>, Frames, X86_64Level4, L>;
+
+/// A waiter that blocks on a loom condition variable (what a kernel with a
+/// scheduler would plug in), so a lost wake-up is a loom deadlock.
+struct BlockingWait {
+    lock: Mutex<()>,
+    wake: loom::sync::Condvar,
+}
+
+impl Default for BlockingWait {
+    fn default() -> Self {
+        Self { lock: Mutex::new(()), wake: loom::sync::Condvar::new() }
+    }
+}
+
+impl Waiter for BlockingWait {
+    fn wait_until(&self, done: &dyn Fn() -> bool) {
+        let mut guard = self.lock.lock().unwrap();
+        while !done() {
+            guard = self.wake.wait(guard).unwrap();
+        }
+    }
+
+    fn wake_all(&self) {
+        let _guard = self.lock.lock().unwrap();
+        self.wake.notify_all();
+    }
+}
+
+/// An update lock that blocks on a loom condition variable instead of spinning.
+struct BlockingLock {
+    held: Mutex<bool>,
+    released: loom::sync::Condvar,
+}
+
+impl Default for BlockingLock {
+    fn default() -> Self {
+        Self { held: Mutex::new(false), released: loom::sync::Condvar::new() }
+    }
+}
+
+// SAFETY: `held` is only changed under the loom mutex, which orders every
+// acquisition after the previous release (acquire/release semantics).
+unsafe impl RawLock for BlockingLock {
+    fn lock(&self) {
+        let mut held = self.held.lock().unwrap();
+        while *held {
+            held = self.released.wait(held).unwrap();
+        }
+        *held = true;
+    }
+
+    fn try_lock(&self) -> bool {
+        let mut held = self.held.lock().unwrap();
+        !std::mem::replace(&mut *held, true)
+    }
+
+    unsafe fn unlock(&self) {
+        *self.held.lock().unwrap() = false;
+        self.released.notify_one();
+    }
+}
+
+fn va(page: usize) -> u64 {
+    VA + page as u64 * PAGE
+}
+
+fn pages(first: usize, count: usize) -> VaRange {
+    VaRange::new::<X86_64Level4>(va(first), count as u64 * PAGE).expect("valid range")
+}
+
+fn frame_index(frame: u64) -> usize {
+    assert!(
+        frame >= BASE && frame < BASE + (FRAMES as u64) * PAGE && frame.is_multiple_of(PAGE),
+        "foreign frame {frame:#x}"
+    );
+    ((frame - BASE) / PAGE) as usize
+}
+
+// ---------------------------------------------------------------------------
+// Model lifecycle
+// ---------------------------------------------------------------------------
+
+/// Runs `f` under loom, counting the explored executions, and prints the count
+/// and the wall time.
+fn model(name: &'static str, f: impl Fn() + Sync + Send + 'static) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&runs);
+    let mut builder = loom::model::Builder::new();
+    if std::env::var_os("LOOM_MAX_BRANCHES").is_none() {
+        // Spin-waits (read_begin, SpinLock) make long executions; loom's
+        // default of 1,000 branches is too few for the three-thread models.
+        builder.max_branches = MAX_BRANCHES;
+    }
+    let t0 = Instant::now();
+    builder.check(move || {
+        counter.fetch_add(1, SeqCst);
+        f();
+    });
+    let preemptions = std::env::var("LOOM_MAX_PREEMPTIONS").unwrap_or_else(|_| "unbounded".into());
+    eprintln!(
+        "loom model {name}: {} executions in {:.2?} (LOOM_MAX_PREEMPTIONS={preemptions})",
+        runs.load(SeqCst),
+        t0.elapsed()
+    );
+}
+
+/// Moves `value` to the heap for the rest of the execution, so loom threads
+/// (which need `'static`) can borrow it. Give it back with [`reclaim`].
+fn leak<T>(value: T) -> &'static T {
+    Box::leak(Box::new(value))
+}
+
+/// Drops a value from [`leak`].
+///
+/// # Safety
+/// Every thread using `value` has been joined and `value` is not used again.
+/// (If an execution panics, the value stays leaked rather than freed early.)
+unsafe fn reclaim<T>(value: &'static T) {
+    // SAFETY: `value` came from `Box::leak` and, by the caller, is unused.
+    drop(unsafe { Box::from_raw(value as *const T as *mut T) });
+}
+
+// ---------------------------------------------------------------------------
+// The kernel in miniature
+// ---------------------------------------------------------------------------
+
+/// Physical memory: a heap arena of `FRAMES` frames.
+struct Ram {
+    base: *mut u64,
+    words: usize,
+}
+
+// SAFETY: the arena is plain memory; table entries are accessed atomically by
+// hmm-core and by the kernel below, data frames only by their owner.
+unsafe impl Send for Ram {}
+// SAFETY: as above.
+unsafe impl Sync for Ram {}
+
+impl Ram {
+    fn new() -> Self {
+        let words = FRAMES * 512;
+        let base = Box::into_raw(vec![0u64; words].into_boxed_slice()).cast::<u64>();
+        Self { base, words }
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`words` describe the boxed slice made in `new`.
+        drop(unsafe { Box::from_raw(core::ptr::slice_from_raw_parts_mut(self.base, self.words)) });
+    }
+}
+
+// SAFETY: every frame hmm-core is given comes from `Frames`, i.e. lies inside
+// the arena, which is 8-byte aligned, never moves and outlives every user.
+unsafe impl PhysMem for Ram {
+    fn ptr(&self, pa: u64) -> *mut u8 {
+        let offset = (pa - BASE) as usize;
+        assert!(offset < self.words * 8, "physical address {pa:#x} outside the arena");
+        self.base.cast::<u8>().wrapping_add(offset)
+    }
+}
+
+/// The frame allocator: a bitmap under a loom mutex. Freed frames are poisoned.
+struct Frames {
+    ram: *const Ram,
+    used: Mutex<u64>,
+}
+
+// SAFETY: `ram` points into the `Kernel` that owns this allocator.
+unsafe impl Send for Frames {}
+// SAFETY: as above; the bitmap is behind a mutex.
+unsafe impl Sync for Frames {}
+
+impl FrameAllocator for Frames {
+    fn alloc_frame(&self) -> Option<u64> {
+        let mut used = self.used.lock().unwrap();
+        let i = (!*used).trailing_zeros() as usize;
+        if i >= FRAMES {
+            return None;
+        }
+        *used |= 1 << i;
+        Some(BASE + i as u64 * PAGE)
+    }
+
+    unsafe fn free_frame(&self, frame: u64) {
+        let i = frame_index(frame);
+        {
+            let mut used = self.used.lock().unwrap();
+            assert!(*used & (1 << i) != 0, "double free of {frame:#x}");
+            *used &= !(1 << i);
+        }
+        // Poison it: a mirror table still linking a freed directory would read
+        // garbage "valid" entries and fail the coherence checks.
+        // SAFETY: the frame is in the arena and nobody may use it any more.
+        unsafe { core::ptr::write_bytes((*self.ram).ptr(frame), POISON, PAGE as usize) };
+    }
+}
+
+/// What the test observes (never used for synchronisation, see the top).
+#[derive(Default)]
+struct Observed {
+    /// Data frames the kernel has freed, one bit per frame index.
+    freed: loom::sync::atomic::AtomicU64,
+    /// What the device maps for each page (0: nothing).
+    device: [loom::sync::atomic::AtomicU64; MAX_PAGES],
+    /// Set once `Mirror::unregister` has returned.
+    unregistered: loom::sync::atomic::AtomicBool,
+}
+
+/// The kernel's view of one process: one region, tables built down to the
+/// leaf table of the region at setup time (so they are never freed).
+struct Kernel<W: Waiter = SpinWait> {
+    ram: Box<Ram>,
+    frames: Frames,
+    root: u64,
+    /// The level-0 table holding the region's leaves.
+    leaf_table: u64,
+    region: Region,
+    /// The mmap lock.
+    mmap: RwLock<()>,
+    /// The page-table lock: taken around every leaf change.
+    ptl: Mutex<()>,
+    notifiers: Registry<W>,
+    /// A loom-visible shadow of the page-table entries. hmm-core reads the
+    /// entries with plain atomics, which loom does not see, so its partial
+    /// order reduction would not know that a walk and an entry change
+    /// conflict. Every entry write is preceded by a release RMW on this
+    /// counter, and every walk (which follows `region()` with no loom
+    /// operation in between) by an acquire RMW: loom then explores both
+    /// orders of each walk and each change, and an RMW always reads the
+    /// latest value, so loom's order is the order the real entries see.
+    ptes: loom::sync::atomic::AtomicUsize,
+    seen: Observed,
+}
+
+impl<W: Waiter> Kernel<W> {
+    /// A process with a `count`-page RW region; `mapped` pages (bit i: page i)
+    /// get a frame at once.
+    fn new(count: usize, mapped: u32) -> Self {
+        let ram = Box::new(Ram::new());
+        let frames = Frames { ram: &*ram, used: Mutex::new(0) };
+        let mut k = Self {
+            ram,
+            frames,
+            root: 0,
+            leaf_table: 0,
+            region: Region { range: pages(0, count), flags: RegionFlags::READ | RegionFlags::WRITE },
+            mmap: RwLock::new(()),
+            ptl: Mutex::new(()),
+            notifiers: Registry::new(),
+            ptes: loom::sync::atomic::AtomicUsize::new(0),
+            seen: Observed::default(),
+        };
+        k.root = k.zeroed_frame().expect("root");
+        let mut table = k.root;
+        for level in (1..X86_64Level4::LEVELS).rev() {
+            let frame = k.zeroed_frame().expect("directory");
+            let dir = PteView::Table { frame, flags: LeafFlags::READ | LeafFlags::WRITE | LeafFlags::USER };
+            k.slot(table, X86_64Level4::index(VA, level)).store(X86_64Level4::encode(&dir, level).unwrap(), SeqCst);
+            table = frame;
+        }
+        k.leaf_table = table;
+        for page in (0..count).filter(|p| mapped & (1 << p) != 0) {
+            k.map_new(va(page)).expect("frame");
+        }
+        k
+    }
+
+    fn zeroed_frame(&self) -> Option<u64> {
+        let frame = self.frames.alloc_frame()?;
+        // SAFETY: a fresh frame of the arena, ours to write.
+        unsafe { core::ptr::write_bytes(self.ram.ptr(frame), 0, PAGE as usize) };
+        Some(frame)
+    }
+
+    fn slot(&self, table: u64, index: usize) -> &core::sync::atomic::AtomicU64 {
+        // SAFETY: `table` is a table frame of the arena and `index < 512`.
+        unsafe { core::sync::atomic::AtomicU64::from_ptr(self.ram.ptr(table).cast::<u64>().add(index)) }
+    }
+
+    fn pte(&self, va: u64) -> &core::sync::atomic::AtomicU64 {
+        assert!(self.region.range.contains_addr(va));
+        self.slot(self.leaf_table, X86_64Level4::index(va, 0))
+    }
+
+    /// The frame the CPU maps at `va` now.
+    fn cpu_frame(&self, va: u64) -> Option<u64> {
+        match X86_64Level4::decode(self.pte(va).load(SeqCst), 0) {
+            PteView::Leaf { frame, .. } => Some(frame),
+            _ => None,
+        }
+    }
+
+    /// Writes the leaf of `va` (PTE lock held, or single-threaded).
+    fn set_pte(&self, va: u64, raw: u64) {
+        self.ptes.fetch_add(1, Release);
+        self.pte(va).store(raw, SeqCst);
+    }
+
+    fn leaf(frame: u64) -> u64 {
+        let flags = LeafFlags::READ | LeafFlags::WRITE | LeafFlags::USER;
+        X86_64Level4::encode(&PteView::Leaf { frame, flags }, 0).unwrap()
+    }
+
+    /// Demand-zero: maps a fresh frame at `va` (PTE lock held or single-threaded).
+    fn map_new(&self, va: u64) -> Result<u64> {
+        let frame = self.zeroed_frame().ok_or(Error::NoMemory)?;
+        self.set_pte(va, Self::leaf(frame));
+        Ok(frame)
+    }
+
+    fn is_freed(&self, frame: u64) -> bool {
+        self.seen.freed.load(Relaxed) & (1 << frame_index(frame)) != 0
+    }
+
+    /// Frees a data frame the CPU no longer maps. Checks the invariant at the
+    /// moment it matters most: the device must not map it.
+    fn free_data(&self, frame: u64) {
+        for (page, dev) in self.seen.device.iter().enumerate() {
+            assert_ne!(
+                dev.load(Relaxed),
+                frame,
+                "kernel frees frame {frame:#x} while the device maps it at page {page}"
+            );
+        }
+        let old = self.seen.freed.fetch_or(1 << frame_index(frame), Relaxed);
+        assert!(old & (1 << frame_index(frame)) == 0, "data frame {frame:#x} freed twice");
+        // SAFETY: the frame is in the arena; neither the CPU nor the device maps it.
+        unsafe { core::ptr::write_bytes(self.ram.ptr(frame), POISON, PAGE as usize) };
+    }
+
+    /// Changes the leaves of `count` pages from `first`: unmaps them, or with
+    /// `remap` gives every mapped page a new frame. Bracketed by the
+    /// notifier calls; `exclusive` takes the mmap lock for writing (munmap,
+    /// COW break), otherwise for reading (MADV_DONTNEED-style zap, which may
+    /// run concurrently with other zaps and with faults).
+    fn change(&self, first: usize, count: usize, event: Event, exclusive: bool, remap: bool) {
+        let _w = exclusive.then(|| self.mmap.write().unwrap());
+        let _r = (!exclusive).then(|| self.mmap.read().unwrap());
+        let inv = self.notifiers.invalidate_range_start(pages(first, count), event, true).expect("blockable");
+        let mut old = [None; MAX_PAGES];
+        {
+            let _ptl = self.ptl.lock().unwrap();
+            for (page, slot) in old.iter_mut().enumerate().skip(first).take(count) {
+                *slot = self.cpu_frame(va(page));
+                if remap && slot.is_some() {
+                    self.map_new(va(page)).expect("frame");
+                } else {
+                    self.set_pte(va(page), 0);
+                }
+            }
+        }
+        // AddressSpace contract, item 3: the old frames may be freed as soon as
+        // invalidate_range_start has returned. Freeing them here, before
+        // invalidate_range_end, is the strictest legal kernel.
+        old.iter().flatten().for_each(|&f| self.free_data(f));
+        self.notifiers.invalidate_range_end(inv);
+    }
+
+    /// munmap of one page (mmap lock held for writing).
+    fn unmap(&self, page: usize) {
+        self.change(page, 1, Event::Unmap, true, false);
+    }
+
+    /// Replaces the frame of one page, as a COW break does (mmap lock for writing).
+    fn remap(&self, page: usize) {
+        self.change(page, 1, Event::ProtectionPage, true, true);
+    }
+
+    /// Zaps pages under the mmap read lock (MADV_DONTNEED).
+    fn zap(&self, first: usize, count: usize) {
+        self.change(first, count, Event::Clear, false, false);
+    }
+}
+
+// SAFETY: 1. `root` is the live root in the arena for the kernel's lifetime.
+// 2. Table frames are built at setup and never freed. 3. Every leaf change
+// (`change`) is bracketed by invalidate_range_start/end, and frames are freed
+// only after start returned. 4. Entries are written with atomic stores.
+unsafe impl<W: Waiter> AddressSpace for Kernel<W> {
+    type Format = X86_64Level4;
+    type Phys = Ram;
+    type Store = FixedStore<4>;
+    type Wait = W;
+    type ReadGuard<'a>
+        = RwLockReadGuard<'a, ()>
+    where
+        Self: 'a;
+
+    fn phys(&self) -> &Ram {
+        &self.ram
+    }
+    fn root(&self) -> u64 {
+        self.root
+    }
+    fn notifiers(&self) -> &Registry<W> {
+        &self.notifiers
+    }
+    fn read_lock(&self) -> Self::ReadGuard<'_> {
+        self.mmap.read().unwrap()
+    }
+    fn region<'g>(&'g self, _: &Self::ReadGuard<'g>, va: u64) -> Option<Region> {
+        // range_fault walks the entries right after this call (see `ptes`).
+        self.ptes.fetch_add(0, Acquire);
+        self.region.range.contains_addr(va).then_some(self.region)
+    }
+    fn handle_fault<'g>(&'g self, _: &Self::ReadGuard<'g>, range: VaRange, _write: bool) -> Result<()> {
+        let _ptl = self.ptl.lock().unwrap();
+        let mut va = range.start();
+        while va <= range.last() {
+            if self.cpu_frame(va).is_none() {
+                self.map_new(va)?;
+            }
+            va += PAGE;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The device
+// ---------------------------------------------------------------------------
+
+/// A device whose translations are recorded in `Kernel::seen.device`, and
+/// which checks every translation it is given against the CPU tables.
+struct Device<W: Waiter + 'static = SpinWait> {
+    k: &'static Kernel<W>,
+}
+
+impl<W: Waiter> Device<W> {
+    fn pages_of(&self, range: VaRange) -> impl Iterator<Item = usize> + '_ {
+        (0..MAX_PAGES).filter(move |&p| range.contains_addr(va(p)))
+    }
+}
+
+impl<W: Waiter> DeviceOps for Device<W> {
+    fn update(&self, range: VaRange, pfns: &[Pfn]) -> core::result::Result<(), i32> {
+        assert!(!self.k.seen.unregistered.load(Relaxed), "device programmed after Mirror::unregister returned");
+        for (i, pfn) in pfns.iter().enumerate() {
+            let va = range.start() + i as u64 * PAGE;
+            assert!(pfn.is_valid(), "update got an invalid pfn at {va:#x}");
+            let frame = pfn.phys();
+            // The update lock is held: an invalidation of `va` cannot have
+            // passed its callback, so the CPU still maps this very frame.
+            assert!(!self.k.is_freed(frame), "device given freed frame {frame:#x} at {va:#x}");
+            assert_eq!(self.k.cpu_frame(va), Some(frame), "device given a frame the CPU does not map at {va:#x}");
+            self.k.seen.device[((va - VA) / PAGE) as usize].store(frame, Relaxed);
+        }
+        Ok(())
+    }
+
+    fn invalidate(&self, range: VaRange, _: Event) {
+        for p in self.pages_of(range) {
+            self.k.seen.device[p].store(0, Relaxed);
+        }
+    }
+
+    fn flush(&self, _: VaRange) {}
+}
+
+/// A kernel plus a registered mirror of its whole region; pages in
+/// `mirrored` are faulted into the mirror at setup.
+fn world<W: Waiter + 'static, L: RawLock + 'static>(
+    count: usize,
+    mapped: u32,
+    mirrored: u32,
+) -> (&'static Kernel<W>, &'static DevMirror<W, L>) {
+    let k = leak(Kernel::<W>::new(count, mapped));
+    let config = MirrorConfig::default();
+    let mirror = Mirror::with_geometry(k, &k.frames, Device { k }, k.region.range, config).expect("mirror");
+    let m: &'static DevMirror<W, L> = leak(mirror);
+    // SAFETY: `m` lives in a box that is never moved; it is dropped in place.
+    unsafe { Pin::new_unchecked(m) }.register().expect("register");
+    for page in (0..count).filter(|p| mirrored & (1 << p) != 0) {
+        m.fault(pages(page, 1), true).expect("setup fault");
+    }
+    (k, m)
+}
+
+/// Drops the mirror (unregistering it), then the kernel.
+///
+/// # Safety
+/// As [`reclaim`].
+unsafe fn teardown<W: Waiter + 'static, L: RawLock + 'static>(k: &'static Kernel<W>, m: &'static DevMirror<W, L>) {
+    // SAFETY: forwarded.
+    unsafe {
+        reclaim(m);
+        reclaim(k);
+    }
+}
+
+/// The invariant after all threads joined: for every page the mirror maps
+/// nothing or exactly what the CPU maps, the frame is not freed, and the
+/// device agrees with the mirror.
+fn assert_coherent<W: Waiter + 'static, L: RawLock + 'static>(k: &Kernel<W>, m: &DevMirror<W, L>, count: usize) {
+    for page in 0..count {
+        let cpu = k.cpu_frame(va(page));
+        let mirror = m.translate(va(page)).map(|e| e.frame());
+        if let Some(f) = mirror {
+            assert!(!k.is_freed(f), "mirror maps freed frame {f:#x} at page {page}");
+            assert_eq!(Some(f), cpu, "mirror maps {f:#x} at page {page}, the CPU maps {cpu:x?}");
+        }
+        assert_eq!(k.seen.device[page].load(Relaxed), mirror.unwrap_or(0), "device and mirror disagree at page {page}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Model 1: a device fault racing an invalidation of the same page
+// ---------------------------------------------------------------------------
+
+/// Page 0 is the one fought over; page 1 stays mirrored throughout (so the
+/// mirror's directories are never pruned, which keeps the model small).
+fn fault_vs_kernel<W: Waiter + 'static>(name: &'static str, mapped: u32, mirrored: u32, kernel_op: fn(&Kernel<W>)) {
+    model(name, move || {
+        let (k, m) = world::<W, SpinLock>(2, mapped, mirrored);
+        let device = thread::spawn(move || m.fault(pages(0, 1), true));
+        let cpu = thread::spawn(move || kernel_op(k));
+        let r = device.join().unwrap();
+        cpu.join().unwrap();
+        assert_eq!(r, Ok(()));
+        assert_coherent(k, m, 2);
+        assert_eq!(k.notifiers.seq() % 2, 0, "sequence left odd");
+        // SAFETY: both threads joined.
+        unsafe { teardown(k, m) };
+    });
+}
+
+#[test]
+fn m1_fault_vs_unmap() {
+    fault_vs_kernel::<SpinWait>("m1_fault_vs_unmap", 0b11, 0b10, |k| k.unmap(0));
+}
+
+/// As above with a waiter that really blocks: a missing `wake_all` in the
+/// registry would show as a deadlock (SpinWait cannot show it).
+#[test]
+fn m1_fault_vs_unmap_blocking_waiter() {
+    fault_vs_kernel::<BlockingWait>("m1_fault_vs_unmap_blocking_waiter", 0b11, 0b10, |k| k.unmap(0));
+}
+
+#[test]
+fn m1_fault_vs_remap_of_mirrored_page() {
+    fault_vs_kernel::<SpinWait>("m1_fault_vs_remap_of_mirrored_page", 0b11, 0b11, |k| k.remap(0));
+}
+
+#[test]
+fn m1_fault_on_hole_vs_unmap() {
+    fault_vs_kernel::<SpinWait>("m1_fault_on_hole_vs_unmap", 0b10, 0b10, |k| k.unmap(0));
+}
+
+// ---------------------------------------------------------------------------
+// Model 2: two concurrent, overlapping invalidations plus a fault
+// ---------------------------------------------------------------------------
+
+#[test]
+fn m2_two_zaps_and_fault() {
+    model("m2_two_zaps_and_fault", || {
+        // Page 0 is faulted; the zaps of pages 0-1 and of page 1 overlap (in
+        // page 1; both cover the mirror's interval, so the fault must wait for
+        // the later of the two to end); page 2 stays mirrored. Both zaps hold
+        // the mmap lock for reading, like the fault's walk. The waiter and the
+        // update lock block instead of spinning: with three threads, spinning
+        // makes the state space explode (unfinished after 30 min at
+        // LOOM_MAX_PREEMPTIONS=2); the spinning versions are covered by the
+        // two-thread models.
+        let (k, m) = world::<BlockingWait, BlockingLock>(3, 0b111, 0b100);
+        let device = thread::spawn(move || m.fault(pages(0, 1), true));
+        let zap_a = thread::spawn(move || k.zap(0, 2));
+        let zap_b = thread::spawn(move || k.zap(1, 1));
+        let r = device.join().unwrap();
+        zap_a.join().unwrap();
+        zap_b.join().unwrap();
+        assert_eq!(r, Ok(()));
+        assert_eq!(k.notifiers.seq() % 2, 0, "sequence left odd");
+        assert_coherent(k, m, 3);
+        // SAFETY: all threads joined.
+        unsafe { teardown(k, m) };
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Model 3: notifier insert and remove during an invalidation
+// ---------------------------------------------------------------------------
+
+/// A notifier that counts its calls and checks it is not called once removed.
+struct Probe {
+    interval: Interval,
+    /// Calls so far.
+    calls: loom::sync::atomic::AtomicUsize,
+    in_callback: loom::sync::atomic::AtomicBool,
+    removed: loom::sync::atomic::AtomicBool,
+}
+
+impl Probe {
+    fn new() -> Self {
+        Self {
+            interval: Interval::new(pages(0, 2)),
+            calls: loom::sync::atomic::AtomicUsize::new(0),
+            in_callback: loom::sync::atomic::AtomicBool::new(false),
+            removed: loom::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Relaxed)
+    }
+}
+
+impl Notifier for Probe {
+    fn interval(&self) -> &Interval {
+        &self.interval
+    }
+
+    fn invalidate(&self, _: &InvalidateRange, cur_seq: u64) -> bool {
+        assert!(!self.removed.load(Relaxed), "callback of a notifier whose remove() returned");
+        assert_eq!(cur_seq % 2, 1, "callback with an even sequence");
+        self.in_callback.store(true, Relaxed);
+        self.calls.fetch_add(1, Relaxed);
+        self.interval.set_seq(cur_seq);
+        self.in_callback.store(false, Relaxed);
+        true
+    }
+}
+
+/// One invalidation of the probes' range, as a kernel would bracket it.
+fn invalidate(reg: &Registry) {
+    let inv = reg.invalidate_range_start(pages(0, 1), Event::Clear, true).expect("blockable");
+    reg.invalidate_range_end(inv);
+}
+
+#[test]
+fn m3_insert_during_invalidation() {
+    model("m3_insert_during_invalidation", || {
+        let reg: &'static Registry = leak(Registry::new());
+        let (old, new): (&'static Probe, &'static Probe) = (leak(Probe::new()), leak(Probe::new()));
+        // SAFETY: the probes outlive their registration (removed below).
+        unsafe { reg.insert(old) }.unwrap();
+        let kernel = thread::spawn(move || invalidate(reg));
+        let driver = thread::spawn(move || {
+            let before = reg.seq();
+            // SAFETY: as above.
+            unsafe { reg.insert(new) }.unwrap();
+            (before, reg.seq())
+        });
+        kernel.join().unwrap();
+        let (before, after) = driver.join().unwrap();
+        assert_eq!(old.calls(), 1);
+        if before == after && before % 2 == 1 {
+            // The insert ran entirely inside the (only) invalidation.
+            assert_eq!(new.calls(), 0, "a notifier inserted during an invalidation was called by it");
+        } else if after == 0 {
+            // The insert finished before the invalidation started.
+            assert_eq!(new.calls(), 1, "a notifier inserted before an invalidation was not called");
+        } else {
+            assert!(new.calls() <= 1);
+        }
+        assert_eq!(reg.seq(), 2, "sequence must be even, after exactly one counted invalidation");
+        assert_eq!(reg.len(), 2, "the deferred insert was applied");
+        // Now registered: a read section begins at once and sees no retry.
+        let seq = reg.read_begin(&new.interval);
+        assert!(!reg.read_retry(&new.interval, seq));
+        reg.remove(old).unwrap();
+        reg.remove(new).unwrap();
+        // SAFETY: all threads joined; nothing is registered any more.
+        unsafe {
+            reclaim(old);
+            reclaim(new);
+            reclaim(reg);
+        }
+    });
+}
+
+#[test]
+fn m3_remove_during_invalidation() {
+    model("m3_remove_during_invalidation", || {
+        let reg: &'static Registry = leak(Registry::new());
+        let (stays, goes): (&'static Probe, &'static Probe) = (leak(Probe::new()), leak(Probe::new()));
+        // SAFETY: the probes outlive their registration (removed below).
+        unsafe {
+            reg.insert(stays).unwrap();
+            reg.insert(goes).unwrap();
+        }
+        let kernel = thread::spawn(move || invalidate(reg));
+        let driver = thread::spawn(move || {
+            reg.remove(goes).unwrap();
+            assert!(!goes.in_callback.load(Relaxed), "remove() returned while the callback runs");
+            goes.removed.store(true, Relaxed);
+        });
+        kernel.join().unwrap();
+        driver.join().unwrap();
+        // One more invalidation after the removal: must not reach `goes`.
+        invalidate(reg);
+        assert_eq!(stays.calls(), 2);
+        assert!(goes.calls() <= 1);
+        assert!(!goes.interval.is_registered());
+        assert_eq!(reg.len(), 1);
+        assert_eq!(reg.seq() % 2, 0, "sequence left odd");
+        assert_eq!(reg.remove(goes), Err(Error::Unregistered));
+        reg.remove(stays).unwrap();
+        // SAFETY: all threads joined; nothing is registered any more.
+        unsafe {
+            reclaim(stays);
+            reclaim(goes);
+            reclaim(reg);
+        }
+    });
+}
+
+/// A mirror registering (and faulting) while a zap that started before the
+/// registration, and overlapped no interval then, is running. The zap must
+/// still count (as in Linux, where every invalidation is counted): the insert
+/// is deferred and the new mirror's `read_begin` waits for the zap to end,
+/// else the mirror could map the frame the zap is about to free.
+#[test]
+fn m3_register_during_zap() {
+    model("m3_register_during_zap", || {
+        let k = leak(Kernel::<SpinWait>::new(2, 0b11));
+        let mirror = Mirror::new(k, &k.frames, Device { k }, k.region.range, MirrorConfig::default()).expect("mirror");
+        let m: &'static DevMirror = leak(mirror);
+        let cpu = thread::spawn(move || k.zap(0, 1));
+        let device = thread::spawn(move || {
+            // SAFETY: `m` lives in a box that is never moved; dropped in place.
+            unsafe { Pin::new_unchecked(m) }.register().expect("register");
+            m.fault(pages(0, 1), true)
+        });
+        cpu.join().unwrap();
+        assert_eq!(device.join().unwrap(), Ok(()));
+        assert_coherent(k, m, 2);
+        // SAFETY: both threads joined.
+        unsafe { teardown(k, m) };
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Model 4: unregister / release racing a fault
+// ---------------------------------------------------------------------------
+
+#[test]
+fn m4_unregister_vs_fault() {
+    model("m4_unregister_vs_fault", || {
+        let (k, m) = world::<SpinWait, SpinLock>(2, 0b11, 0b10);
+        let device = thread::spawn(move || m.fault(pages(0, 1), true));
+        let driver = thread::spawn(move || {
+            m.unregister().unwrap();
+            k.seen.unregistered.store(true, Relaxed);
+        });
+        let r = device.join().unwrap();
+        driver.join().unwrap();
+        assert!(matches!(r, Ok(()) | Err(Error::Unregistered)), "fault returned {r:?}");
+        for page in 0..2 {
+            assert_eq!(m.translate(va(page)), None);
+            assert_eq!(k.seen.device[page].load(Relaxed), 0, "device still maps page {page}");
+        }
+        assert_eq!(m.table_frames(), 0);
+        assert_eq!(m.fault(pages(0, 1), false), Err(Error::Unregistered));
+        assert!(k.notifiers.is_empty());
+        // SAFETY: both threads joined.
+        unsafe { teardown(k, m) };
+    });
+}
+
+#[test]
+fn m4_release_vs_fault() {
+    model("m4_release_vs_fault", || {
+        let (k, m) = world::<SpinWait, SpinLock>(2, 0b11, 0b10);
+        let device = thread::spawn(move || m.fault(pages(0, 1), true));
+        let kernel = thread::spawn(move || k.notifiers.release());
+        let r = device.join().unwrap();
+        kernel.join().unwrap();
+        assert!(matches!(r, Ok(()) | Err(Error::Released)), "fault returned {r:?}");
+        for page in 0..2 {
+            assert_eq!(m.translate(va(page)), None, "mirror entry left after release at page {page}");
+            assert_eq!(k.seen.device[page].load(Relaxed), 0, "device still maps page {page}");
+        }
+        assert_eq!(k.notifiers.seq() % 2, 0, "sequence left odd");
+        assert_eq!(m.fault(pages(0, 1), false), Err(Error::Released));
+        // SAFETY: both threads joined.
+        unsafe { teardown(k, m) };
+    });
+}
+
+/// Unregister racing a munmap of a mirrored page: `unregister` must empty
+/// the mirror and the device before it leaves the registry, or the unmap,
+/// no longer notified, frees a frame the device still maps.
+#[test]
+fn m4_unregister_vs_unmap() {
+    model("m4_unregister_vs_unmap", || {
+        let (k, m) = world::<SpinWait, SpinLock>(2, 0b11, 0b11);
+        let driver = thread::spawn(move || {
+            m.unregister().unwrap();
+            k.seen.unregistered.store(true, Relaxed);
+        });
+        let cpu = thread::spawn(move || k.unmap(0));
+        driver.join().unwrap();
+        cpu.join().unwrap();
+        assert_eq!(m.translate(va(0)), None);
+        assert!(k.seen.device.iter().all(|d| d.load(Relaxed) == 0), "device still maps a page");
+        // SAFETY: both threads joined.
+        unsafe { teardown(k, m) };
+    });
+}
+
+/// Dropping a mirror racing a munmap of a mirrored page: the same window as
+/// above, in `Drop`, which leaves the registry before emptying the mirror.
+#[test]
+fn m4_drop_vs_unmap() {
+    model("m4_drop_vs_unmap", || {
+        let (k, m) = world::<SpinWait, SpinLock>(2, 0b11, 0b11);
+        // SAFETY: `m` is used by no other thread; joined before `k` goes.
+        let driver = thread::spawn(move || unsafe { reclaim(m) });
+        let cpu = thread::spawn(move || k.unmap(0));
+        driver.join().unwrap();
+        cpu.join().unwrap();
+        assert!(k.seen.device.iter().all(|d| d.load(Relaxed) == 0), "device still maps a page");
+        // SAFETY: both threads joined.
+        unsafe { reclaim(k) };
+    });
+}
