@@ -4,8 +4,7 @@
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS=2 cargo test --release --test loom`
 //! Long run: the same with `LOOM_MAX_PREEMPTIONS=3`. Add `-- --nocapture` to
 //! see the number of explored executions and the time of each model.
-//! `-- --include-ignored` adds the models that currently fail because of
-//! issues found by these models are fixed; every model runs.
+//! The hmm-core issues these models found are fixed; every model runs.
 //!
 //! Models: (1) a device fault racing munmap / a COW-style remap / munmap of a
 //! hole; (2) a fault racing two overlapping MADV_DONTNEED-style zaps; (3)
