@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask demo`, `cargo xtask test`.
+//! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask verify [--long]`.
 
 mod qemu;
+mod verify_tools;
 
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
@@ -11,8 +12,9 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo(&root),
         Some("test") => test(&root),
+        Some("verify") => verify(&root, args.iter().any(|a| a == "--long")),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test>");
+            eprintln!("usage: cargo xtask <demo|test|verify [--long]>");
             exit(2);
         }
     };
@@ -28,9 +30,18 @@ fn repo_root() -> PathBuf {
 
 /// Runs a command in `dir`, failing with its exit status.
 fn run(dir: &Path, program: &str, args: &[&str]) -> Result<(), String> {
+    run_env(dir, program, args, &[])
+}
+
+/// Runs a command in `dir` with extra environment variables.
+fn run_env(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     println!("xtask: {program} {}", args.join(" "));
-    let status =
-        Command::new(program).args(args).current_dir(dir).status().map_err(|e| format!("cannot run {program}: {e}"))?;
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .status()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -48,4 +59,34 @@ fn test(root: &Path) -> Result<(), String> {
     run(root, "cargo", &["test", "--workspace", "--doc"])?;
     println!("xtask: booting the bare-metal kernel in test mode (2 cores)");
     qemu::run_kernel(root, "test", 2)
+}
+
+/// The deep checks: loom models, long model-based property tests, Miri on
+/// the raw-pointer code, and a bounded fuzzing run. `--long` explores more.
+fn verify(root: &Path, long: bool) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let mut summary = Vec::new();
+    let preemptions = if long { "3" } else { "2" };
+    run_env(
+        root,
+        "cargo",
+        &["test", "--release", "-p", "hmm-core", "--test", "loom"],
+        &[("RUSTFLAGS", "--cfg loom"), ("CARGO_TARGET_DIR", "target/loom"), ("LOOM_MAX_PREEMPTIONS", preemptions)],
+    )?;
+    summary.push(format!("loom: 12 models passed, preemption bound {preemptions}"));
+    let cases = if long { "1500" } else { "400" };
+    run_env(
+        root,
+        "cargo",
+        &["test", "--release", "-p", "hmm-core", "--test", "model_based", "--", "--nocapture"],
+        &[("HMM_PROPTEST_CASES", cases)],
+    )?;
+    summary.push(format!("model-based proptest: {cases} cases"));
+    summary.push(verify_tools::miri(root, long)?);
+    summary.push(verify_tools::fuzz(root, if long { 300 } else { 20 })?);
+    println!("\n=== verify summary ({} s) ===", started.elapsed().as_secs());
+    for line in &summary {
+        println!("  {line}");
+    }
+    Ok(())
 }
