@@ -196,19 +196,23 @@ where
         if !self.interval.is_registered() {
             return Err(Error::Unregistered);
         }
-        let table = {
-            let mut guard = self.table.lock();
-            let mut table = guard.take();
-            if let Some(t) = table.as_mut() {
-                self.clear_device(t, Event::Release);
-            }
-            table
-        };
+        let table = self.take_emptied();
         let removed = self.space.notifiers().remove(self);
         if let Some(t) = table {
             t.destroy(self.space.phys(), self.alloc);
         }
         removed
+    }
+
+    /// Takes the table out under the update lock, emptied of translations
+    /// (mirror and device), so no fault can commit into it any more.
+    fn take_emptied(&self) -> Option<MirrorTable<G>> {
+        let mut guard = self.table.lock();
+        let mut table = guard.take();
+        if let Some(t) = table.as_mut() {
+            self.clear_device(t, Event::Release);
+        }
+        table
     }
 
     /// Removes every translation from the table and the device (entries only;
@@ -467,14 +471,7 @@ where
         // Empty mirror and device under the update lock first (callbacks may
         // still run until `remove` returns), so no translation outlives the
         // registration; then leave the registry, then free the table.
-        let table = {
-            let mut guard = self.table.lock();
-            let mut table = guard.take();
-            if let Some(t) = table.as_mut() {
-                self.clear_device(t, Event::Release);
-            }
-            table
-        };
+        let table = self.take_emptied();
         if self.interval.is_registered() {
             // Waits for a running invalidation; afterwards no callback can
             // reach `self`, so the memory may go.
