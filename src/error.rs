@@ -30,6 +30,10 @@ pub enum Error {
     /// A value cannot be encoded in the page-table format (misaligned frame,
     /// a leaf at a level that cannot hold one, an owner id too large).
     Unencodable,
+    /// A paging geometry is inconsistent (fails
+    /// [`check_geometry`](crate::arch::check_geometry)) or not supported by
+    /// the table that was asked to use it.
+    BadGeometry,
     /// A frame allocator had no frame to give.
     NoMemory,
     /// A concurrent invalidation kept the operation from completing within its
@@ -63,6 +67,7 @@ impl fmt::Display for Error {
             Error::OutOfRange => "range outside the translatable span",
             Error::BadLength => "slice length does not match the page count",
             Error::Unencodable => "value cannot be encoded in this page-table format",
+            Error::BadGeometry => "inconsistent or unsupported paging geometry",
             Error::NoMemory => "frame allocator exhausted",
             Error::Busy => "retry budget exhausted by concurrent invalidations",
             Error::Fault => "range not accessible",

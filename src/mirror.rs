@@ -6,6 +6,7 @@
 //! stack array, and the sequence retry under the mirror's update lock.
 //!
 //! # Lock order
+//! mirror registration lock (register / unregister / drop only) ->
 //! address-space read lock (taken and dropped inside the walk) -> mirror
 //! update lock -> registry lock. The invalidation callback takes only the
 //! update lock, never allocates, and frees emptied directories after the
@@ -14,7 +15,7 @@
 use crate::arch::{PagingGeometry, PteFormat};
 use crate::fault::{range_fault, RangeFault};
 use crate::frame::FrameAllocator;
-use crate::notifier::{Event, Interval, InvalidateRange, Notifier};
+use crate::notifier::{Event, Interval, InvalidateRange, Notifier, Registration};
 use crate::pt::{MirrorEntry, MirrorTable, Pfn};
 use crate::range::VaRange;
 use crate::space::AddressSpace;
@@ -47,13 +48,20 @@ pub trait DeviceOps: Sync {
 #[derive(Clone, Copy, Debug)]
 pub struct MirrorConfig {
     /// Retries (collisions with invalidations) each 64-page batch of a fault
-    /// may take before returning [`Error::Busy`]. Retries caused by the
-    /// fault's own progress (its handler breaking COW invalidates the mirror
-    /// too) are free, at most one per page.
+    /// may take before returning [`Error::Busy`]. A collision is a walk
+    /// redone because an invalidation hit the mirror, or, while waiting for
+    /// a running invalidation to end, one invalidation ending while another
+    /// still covers the mirror; so waiting is bounded too: a fault returns
+    /// within its budget plus one invalidation's length, whatever the
+    /// invalidation pattern. Retries caused by the fault's own progress (its
+    /// handler breaking COW invalidates the mirror too) are free, at most one
+    /// per page. Default 64.
     pub max_retries: u32,
-    /// Optional clock for a time budget (any monotonic tick).
+    /// Optional clock for a time budget (any monotonic tick), read when a
+    /// fault starts and at every collision. Default `None`.
     pub clock: Option<fn() -> u64>,
-    /// Ticks a fault may spend retrying before [`Error::Busy`] (with `clock`).
+    /// Ticks a fault may spend retrying before [`Error::Busy`] (with
+    /// `clock`). Default `u64::MAX`.
     pub max_ticks: u64,
     /// Owner id of this device: its device-private pages are mirrored, and
     /// Migrate/Exclusive invalidations it started itself are skipped.
@@ -114,6 +122,10 @@ where
     alloc: &'s A,
     device: D,
     interval: Interval,
+    // INVARIANT: `Some` exactly while the mirror is registered (or pending
+    // registration); only the mirror itself holds it, so nothing else can
+    // take the mirror out of the registry without emptying it first.
+    registration: LockCell<L, Option<Registration<'s, S::Store, S::Wait>>>,
     // INVARIANT: `None` once unregistered; every device translation is backed
     // by a valid entry of this table.
     table: LockCell<L, Option<MirrorTable<G>>>,
@@ -149,10 +161,13 @@ where
     /// A mirror of `range` with an empty device-side table of geometry `G`
     /// and update lock `L` (see [`Mirror::new`] for the defaults).
     ///
-    /// Errors: `range` invalid for the CPU geometry or not translatable by
-    /// `G` ([`Error::OutOfRange`] etc.), [`Error::NoMemory`] for the root,
-    /// [`Error::Released`].
+    /// Errors: [`Error::BadGeometry`] if `G` is inconsistent or unsupported
+    /// (checked at run time: a geometry whose index bits do not cover
+    /// `VA_BITS` would alias distinct addresses), `range` invalid for the CPU
+    /// geometry or not translatable by `G` ([`Error::OutOfRange`] etc.),
+    /// [`Error::NoMemory`] for the root, [`Error::Released`].
     pub fn with_geometry(space: &'s S, alloc: &'s A, device: D, range: VaRange, config: MirrorConfig) -> Result<Self> {
+        MirrorTable::<G>::check_geometry()?;
         range.check::<CpuGeometry<S>>()?;
         range.check::<G>()?;
         if space.notifiers().is_released() {
@@ -164,6 +179,7 @@ where
             alloc,
             device,
             interval: Interval::new(range),
+            registration: LockCell::new(None),
             table: LockCell::new(Some(table)),
             config,
             counters: Counters::default(),
@@ -174,15 +190,25 @@ where
     /// Registers the mirror with the address space; from now on invalidations
     /// reach it. Errors: [`Error::Released`], [`Error::Capacity`],
     /// [`Error::Unregistered`] after [`unregister`](Self::unregister),
-    /// [`Error::Busy`] if already registered.
+    /// [`Error::Busy`] if already registered (also when two threads register
+    /// at once: exactly one succeeds).
+    ///
+    /// May wait for running invalidations to end (when the registry has no
+    /// room to postpone the insert); must not be called from a callback.
     pub fn register(self: Pin<&Self>) -> Result<()> {
-        if self.table.lock().is_none() {
+        let this: &Self = self.get_ref();
+        let mut registration = this.registration.lock();
+        if registration.is_some() {
+            return Err(Error::Busy);
+        }
+        if this.table.lock().is_none() {
             return Err(Error::Unregistered);
         }
-        let this: &Self = self.get_ref();
-        // SAFETY: `self` is pinned, so it stays at this address until dropped,
-        // and `Drop` removes the registration before the memory goes away.
-        unsafe { this.space.notifiers().insert(this) }
+        // SAFETY: `self` is pinned, so it stays at this address until dropped;
+        // the registration stays inside `self` and `Drop` drops it (removing
+        // the entry) before the memory goes away.
+        *registration = Some(unsafe { this.space.notifiers().insert(this) }?);
+        Ok(())
     }
 
     /// Unregisters: clears the mirror and the device, then leaves the
@@ -193,15 +219,17 @@ where
     /// invalidations, so no fault can commit a translation that no
     /// invalidation would reach.
     pub fn unregister(&self) -> Result<()> {
-        if !self.interval.is_registered() {
+        let mut registration = self.registration.lock();
+        let Some(registration) = registration.take() else {
             return Err(Error::Unregistered);
-        }
+        };
         let table = self.take_emptied();
-        let removed = self.space.notifiers().remove(self);
+        // Waits for a running invalidation to end.
+        registration.remove();
         if let Some(t) = table {
             t.destroy(self.space.phys(), self.alloc);
         }
-        removed
+        Ok(())
     }
 
     /// Takes the table out under the update lock, emptied of translations
@@ -309,7 +337,9 @@ where
             if self.over_budget(started, retries) {
                 return Err(Error::Busy);
             }
-            let seq = self.space.notifiers().read_begin(&self.interval);
+            let Some(seq) = self.read_begin(started, &mut retries) else {
+                return Err(Error::Busy);
+            };
             let guard = self.space.read_lock();
             let mut req = RangeFault {
                 range,
@@ -326,6 +356,17 @@ where
                 other => return other.map(|_| ()),
             }
         }
+    }
+
+    /// `read_begin` within the budget: every invalidation that ends while
+    /// another keeps the mirror invalidated counts as a collision; `None`
+    /// once the budget is spent.
+    fn read_begin(&self, started: Option<u64>, retries: &mut u32) -> Option<u64> {
+        self.space.notifiers().read_begin_bounded(&self.interval, &mut || {
+            *retries += 1;
+            bump(&self.counters.retries, 1);
+            self.over_budget(started, *retries)
+        })
     }
 
     fn over_budget(&self, started: Option<u64>, retries: u32) -> bool {
@@ -347,7 +388,9 @@ where
             if self.over_budget(started, retries) {
                 return Err(Error::Busy);
             }
-            let seq = notifiers.read_begin(&self.interval);
+            let Some(seq) = self.read_begin(started, &mut retries) else {
+                return Err(Error::Busy);
+            };
             let walked = {
                 let guard = self.space.read_lock();
                 let mut req = RangeFault {
@@ -472,10 +515,10 @@ where
         // still run until `remove` returns), so no translation outlives the
         // registration; then leave the registry, then free the table.
         let table = self.take_emptied();
-        if self.interval.is_registered() {
+        if let Some(registration) = self.registration.get_mut().take() {
             // Waits for a running invalidation; afterwards no callback can
             // reach `self`, so the memory may go.
-            let _ = self.space.notifiers().remove(&*self);
+            registration.remove();
         }
         if let Some(table) = table {
             table.destroy(self.space.phys(), self.alloc);

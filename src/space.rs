@@ -55,8 +55,9 @@ pub unsafe trait AddressSpace {
     type Format: PteFormat;
     /// How hmm-core reaches the tables.
     type Phys: PhysMem + ?Sized;
-    /// Storage of the notifier registry.
-    type Store: EntryStore;
+    /// Storage of the notifier registry (`Sync`: invalidations read it
+    /// concurrently).
+    type Store: EntryStore + Sync;
     /// How a waiter waits for an invalidation to finish.
     type Wait: Waiter;
     /// Proof that the address-space read lock is held.

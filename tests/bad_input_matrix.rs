@@ -494,24 +494,20 @@ fn every_entry_point_rejects_bad_input_with_the_exact_error() {
         });
 
         // ---- NotifierRegistry ----------------------------------------------
-        let reg = NotifierRegistry::<FixedStore<2>>::new();
         let a = Refusing::new(r4(BUF, 4 * PAGE));
         let b = Refusing::new(r4(BUF + 2 * PAGE, 4 * PAGE));
         let c = Refusing::new(r4(BUF, PAGE));
-        // SAFETY: `a` and `b` outlive `reg`'s use of them; they are removed
-        // below before going out of scope.
-        unsafe {
-            reg.insert(&a).unwrap();
-            reg.insert(&b).unwrap();
-        }
+        let reg = NotifierRegistry::<FixedStore<2>>::new();
+        // SAFETY: `a` and `b` are declared before `reg` and its registrations,
+        // so they outlive both.
+        let (mut ra, mut rb) = unsafe { (Some(reg.insert(&a).unwrap()), Some(reg.insert(&b).unwrap())) };
         let reg_fp = || (reg.len(), reg.seq(), a.interval.is_registered(), b.interval.is_registered());
         let before = reg_fp();
         // SAFETY: as above (both fail: nothing is kept).
-        t.row("NotifierRegistry::insert: twice", Err(Error::Busy), &fp, &mut || unsafe { reg.insert(&a) });
-        t.row("NotifierRegistry::insert: full fixed store", Err(Error::Capacity), &fp, &mut || unsafe {
-            reg.insert(&c)
+        t.row("NotifierRegistry::insert: twice", Err(Error::Busy), &fp, &mut || unit(unsafe { reg.insert(&a) }));
+        t.row("NotifierRegistry::insert: full fixed store", Err(Error::Capacity), &fp, &mut || {
+            unit(unsafe { reg.insert(&c) })
         });
-        t.row("NotifierRegistry::remove: never inserted", Err(Error::Unregistered), &fp, &mut || reg.remove(&c));
         assert_eq!(reg_fp(), before, "failed registry calls changed the registry");
         let calls = a.calls.load(Ordering::Relaxed) + b.calls.load(Ordering::Relaxed);
         t.row("NotifierRegistry::invalidate_range_start: refused", Err(Error::WouldBlock), &fp, &mut || {
@@ -527,11 +523,18 @@ fn every_entry_point_rejects_bad_input_with_the_exact_error() {
             Ok(())
         });
         assert_eq!(end.load(Ordering::Relaxed) % 2, 1, "callbacks saw an odd sequence");
-        t.row("NotifierRegistry::remove: control", Ok(()), &fp, &mut || reg.remove(&a));
-        t.row("NotifierRegistry::remove: twice", Err(Error::Unregistered), &fp, &mut || reg.remove(&a));
+        t.row("Registration::remove: control", Ok(()), &fp, &mut || {
+            ra.take().expect("registered").remove();
+            Ok(())
+        });
+        assert!(!a.interval.is_registered());
         reg.release();
-        t.row("NotifierRegistry::insert: released", Err(Error::Released), &fp, &mut || unsafe { reg.insert(&c) });
-        t.row("NotifierRegistry::remove: control after release", Ok(()), &fp, &mut || reg.remove(&b));
+        t.row("NotifierRegistry::insert: released", Err(Error::Released), &fp, &mut || unit(unsafe { reg.insert(&c) }));
+        t.row("Registration::remove: control after release", Ok(()), &fp, &mut || {
+            rb.take().expect("registered").remove();
+            Ok(())
+        });
+        assert!(reg.is_empty());
 
         // ---- MirrorTable::new / reserve ------------------------------------
         t.row("MirrorTable::new: exhausted allocator", Err(Error::NoMemory), &fp, &mut || {
@@ -711,22 +714,24 @@ fn mirror_table_refuses_addresses_beyond_its_geometry() {
 /// misuse instead of an answer. The test rescues the waiter after 500 ms.
 #[test]
 fn read_begin_on_an_unregistered_interval_returns() {
-    let reg = NotifierRegistry::<FixedStore<1>>::new();
-    let lonely = Interval::new(r4(BUF, PAGE));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let returned = std::thread::scope(|s| {
-        s.spawn(|| tx.send(reg.read_begin(&lonely)).unwrap());
-        let r = rx.recv_timeout(std::time::Duration::from_millis(500));
-        if r.is_err() {
-            // Rescue: any overlapping invalidation moves the sequence.
-            let n = Refusing::new(r4(BUF, PAGE));
-            // SAFETY: `n` is removed before it goes out of scope.
-            unsafe { reg.insert(&n).unwrap() };
-            let inv = reg.invalidate_range_start(r4(BUF, PAGE), Event::Clear, true).unwrap();
-            reg.invalidate_range_end(inv);
-            reg.remove(&n).unwrap();
-        }
-        r.is_ok()
+    watchdog::bounded("read_begin on an unregistered interval (and its rescue)", watchdog::BOUND, || {
+        let reg = NotifierRegistry::<FixedStore<1>>::new();
+        let lonely = Interval::new(r4(BUF, PAGE));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let returned = std::thread::scope(|s| {
+            s.spawn(|| tx.send(reg.read_begin(&lonely)).unwrap());
+            let r = rx.recv_timeout(std::time::Duration::from_millis(500));
+            if r.is_err() {
+                // Rescue: any overlapping invalidation moves the sequence.
+                let n = Refusing::new(r4(BUF, PAGE));
+                // SAFETY: `n` is removed before it goes out of scope.
+                let rn = unsafe { reg.insert(&n) }.unwrap();
+                let inv = reg.invalidate_range_start(r4(BUF, PAGE), Event::Clear, true).unwrap();
+                reg.invalidate_range_end(inv);
+                rn.remove();
+            }
+            r.is_ok()
+        });
+        assert!(returned, "read_begin did not return within 500 ms");
     });
-    assert!(returned, "read_begin did not return within 500 ms");
 }

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{assert_mirror_coherent, counters, device, pattern, R, RW};
+use common::{assert_mirror_coherent, counters, device, pattern, watchdog, R, RW};
 use core::ops::ControlFlow;
 use core::pin::pin;
 use hmm_core::arch::x86_64::{X86_64Level4, X86_64Level5};
@@ -368,20 +368,18 @@ fn registry_insert_defer_invalidate_remove_release() {
     let full = Counter::new(r4(0x3000, PAGE));
     {
         let reg = NotifierRegistry::<FixedStore<3>>::new();
-        // SAFETY: every notifier outlives the registry (declared before it).
-        unsafe {
-            reg.insert(&a).unwrap();
-            reg.insert(&b).unwrap();
-        }
+        // SAFETY: every notifier outlives the registry and its registrations
+        // (declared before them).
+        let (_ra, rb) = unsafe { (reg.insert(&a).unwrap(), reg.insert(&b).unwrap()) };
         let inv = reg.invalidate_range_start(r4(0x2000, PAGE), Event::Unmap, true).unwrap();
         assert_eq!(reg.seq() % 2, 1);
         assert_eq!((a.calls.load(Ordering::SeqCst), b.calls.load(Ordering::SeqCst)), (1, 0));
         // An insert during an invalidation is deferred to its end.
         // SAFETY: as above.
-        unsafe { reg.insert(&c).unwrap() };
+        let _rc = unsafe { reg.insert(&c) }.unwrap();
         assert_eq!(reg.len(), 2);
         // SAFETY: as above.
-        assert_eq!(unsafe { reg.insert(&full) }, Err(Error::Capacity), "the pending insert holds the last slot");
+        assert_eq!(unsafe { reg.insert(&full) }.err(), Some(Error::Capacity), "the pending insert holds the last slot");
         reg.invalidate_range_end(inv);
         assert_eq!(reg.len(), 3);
         let seq = reg.read_begin(&c.interval);
@@ -390,20 +388,20 @@ fn registry_insert_defer_invalidate_remove_release() {
         reg.invalidate_range_end(inv);
         assert!(reg.read_retry(&c.interval, seq));
         assert_eq!(c.calls.load(Ordering::SeqCst), 1);
-        reg.remove(&b).unwrap();
-        assert_eq!(reg.remove(&b), Err(Error::Unregistered));
+        rb.remove();
+        assert!(!b.interval.is_registered());
         reg.release();
         assert_eq!((a.calls.load(Ordering::SeqCst), c.calls.load(Ordering::SeqCst)), (3, 2));
         // SAFETY: as above.
-        assert_eq!(unsafe { reg.insert(&b) }, Err(Error::Released));
+        assert_eq!(unsafe { reg.insert(&b) }.err(), Some(Error::Released));
     }
     {
         // The growable store, with a remove of a pending insert.
         let reg = NotifierRegistry::<VecStore>::new();
         let inv = reg.invalidate_range_start(r4(0x1000, PAGE), Event::Unmap, true).unwrap();
         // SAFETY: `full` outlives the registry.
-        unsafe { reg.insert(&full).unwrap() };
-        reg.remove(&full).unwrap();
+        let rf = unsafe { reg.insert(&full) }.unwrap();
+        rf.remove();
         reg.invalidate_range_end(inv);
         assert!(reg.is_empty());
     }
@@ -411,28 +409,30 @@ fn registry_insert_defer_invalidate_remove_release() {
 
 #[test]
 fn registry_remove_waits_for_a_running_invalidation_on_another_thread() {
-    let a = Counter::new(r4(0x1000, 4 * PAGE));
-    let reg = NotifierRegistry::<VecStore>::new();
-    // SAFETY: `a` outlives the registry.
-    unsafe { reg.insert(&a).unwrap() };
-    let inv = reg.invalidate_range_start(r4(0x1000, PAGE), Event::Unmap, true).unwrap();
-    let removed = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let t = s.spawn(|| {
-            reg.remove(&a).unwrap();
-            removed.store(true, Ordering::SeqCst);
+    watchdog::bounded("remove waiting for a running invalidation", watchdog::BOUND, || {
+        let a = Counter::new(r4(0x1000, 4 * PAGE));
+        let reg = NotifierRegistry::<VecStore>::new();
+        // SAFETY: `a` outlives the registry.
+        let ra = unsafe { reg.insert(&a) }.unwrap();
+        let inv = reg.invalidate_range_start(r4(0x1000, PAGE), Event::Unmap, true).unwrap();
+        let removed = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                ra.remove();
+                removed.store(true, Ordering::SeqCst);
+            });
+            let r = s.spawn(|| reg.read_begin(&a.interval));
+            for _ in 0..3 {
+                std::thread::yield_now();
+            }
+            assert!(!removed.load(Ordering::SeqCst), "remove returned during the invalidation");
+            reg.invalidate_range_end(inv);
+            t.join().unwrap();
+            r.join().unwrap();
         });
-        let r = s.spawn(|| reg.read_begin(&a.interval));
-        for _ in 0..3 {
-            std::thread::yield_now();
-        }
-        assert!(!removed.load(Ordering::SeqCst), "remove returned during the invalidation");
-        reg.invalidate_range_end(inv);
-        t.join().unwrap();
-        r.join().unwrap();
+        assert!(reg.is_empty());
+        assert_eq!(a.calls.load(Ordering::SeqCst), 1);
     });
-    assert!(reg.is_empty());
-    assert_eq!(a.calls.load(Ordering::SeqCst), 1);
 }
 
 // ------------------------------------------------------------------ a whole mirror on the model kernel
@@ -572,32 +572,34 @@ fn model_mirror_failure_paths_leave_nothing_behind() {
 
 #[test]
 fn model_mirror_fault_racing_unmap_on_another_thread() {
-    let (alloc, space) = small_kernel(64);
-    let buf = space.map(BUF, 4 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
-    {
-        let m = pin!(small_mirror(&space, &alloc));
-        m.as_ref().register().unwrap();
-        let m = &*m;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                for _ in 0..3 {
-                    // Any of these may fail while the region is gone.
-                    let _ = dmirror::read(m, buf.start(), 2 * PAGE as usize);
-                    let _ = m.fault(buf, true);
+    watchdog::bounded("faults racing unmap/map/protect", watchdog::BOUND, || {
+        let (alloc, space) = small_kernel(64);
+        let buf = space.map(BUF, 4 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
+        {
+            let m = pin!(small_mirror(&space, &alloc));
+            m.as_ref().register().unwrap();
+            let m = &*m;
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    for _ in 0..3 {
+                        // Any of these may fail while the region is gone.
+                        let _ = dmirror::read(m, buf.start(), 2 * PAGE as usize);
+                        let _ = m.fault(buf, true);
+                    }
+                });
+                for _ in 0..2 {
+                    space.unmap(buf).unwrap();
+                    space.map(BUF, 4 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
+                    space.protect(buf, R).unwrap();
+                    space.protect(buf, RW).unwrap();
                 }
             });
-            for _ in 0..2 {
-                space.unmap(buf).unwrap();
-                space.map(BUF, 4 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
-                space.protect(buf, R).unwrap();
-                space.protect(buf, RW).unwrap();
-            }
-        });
-        assert_mirror_coherent(m, &space, m.range());
-        counters(m);
-    }
-    drop(space);
-    assert_eq!(alloc.live(), 0);
+            assert_mirror_coherent(m, &space, m.range());
+            counters(m);
+        }
+        drop(space);
+        assert_eq!(alloc.live(), 0);
+    });
 }
 
 #[test]
@@ -631,26 +633,28 @@ fn long_model_mirror_of_a_transparent_huge_page() {
 #[test]
 #[cfg_attr(miri, ignore = "data race in hmm-testkit dmirror::read (non-atomic reads of atomically written RAM)")]
 fn model_device_read_racing_cpu_write() {
-    let (alloc, space) = small_kernel(64);
-    let buf = space.map(BUF, PAGE, RW, RegionKind::PrivateAnon).unwrap();
-    space.write_bytes(buf.start(), &[1; 64]).unwrap();
-    {
-        let m = pin!(small_mirror(&space, &alloc));
-        m.as_ref().register().unwrap();
-        let m = &*m;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                for _ in 0..2 {
-                    let got = dmirror::read(m, buf.start(), 64).unwrap();
-                    assert!(got.iter().all(|&b| b <= 1), "{got:?}");
+    watchdog::bounded("device reads racing CPU writes", watchdog::BOUND, || {
+        let (alloc, space) = small_kernel(64);
+        let buf = space.map(BUF, PAGE, RW, RegionKind::PrivateAnon).unwrap();
+        space.write_bytes(buf.start(), &[1; 64]).unwrap();
+        {
+            let m = pin!(small_mirror(&space, &alloc));
+            m.as_ref().register().unwrap();
+            let m = &*m;
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    for _ in 0..2 {
+                        let got = dmirror::read(m, buf.start(), 64).unwrap();
+                        assert!(got.iter().all(|&b| b <= 1), "{got:?}");
+                    }
+                });
+                for i in 0..2u8 {
+                    space.write_bytes(buf.start(), &[i; 64]).unwrap();
                 }
             });
-            for i in 0..2u8 {
-                space.write_bytes(buf.start(), &[i; 64]).unwrap();
-            }
-        });
-        counters(m);
-    }
-    drop(space);
-    assert_eq!(alloc.live(), 0);
+            counters(m);
+        }
+        drop(space);
+        assert_eq!(alloc.live(), 0);
+    });
 }

@@ -12,6 +12,9 @@ use hmm_testkit::{
 };
 use std::sync::{Arc, Mutex};
 
+#[path = "common/watchdog.rs"]
+mod watchdog;
+
 const R: RegionFlags = RegionFlags::READ;
 const RW: RegionFlags = RegionFlags::READ.union(RegionFlags::WRITE);
 const MIB: u64 = 1 << 20;
@@ -596,70 +599,72 @@ fn map_rejects_overlap_and_bad_ranges() {
 
 #[test]
 fn device_thread_races_kernel_mutations() {
-    let alloc = CountingAllocator::with_size(64 * MIB);
-    let s = Arc::new(ModelSpace::new(&alloc).unwrap());
-    let base = 0x4000_0000;
-    let len = 2 * HUGE_2M;
-    let whole = range(base, len);
-    s.map(base, len, RW, RegionKind::Thp).unwrap();
-    let device = {
-        let s = s.clone();
-        std::thread::spawn(move || {
-            let mut ok = 0;
-            for i in 0..300u64 {
-                let g = s.read_lock();
-                let va = base + (i * 7 % 1024) * PAGE;
-                match s.handle_fault(&g, range(va, PAGE), i % 2 == 0) {
-                    Ok(()) => ok += 1,
-                    Err(Error::Fault) => {} // unmapped or read-only right now
-                    Err(e) => panic!("unexpected {e:?}"),
+    watchdog::bounded("a device thread racing kernel mutations", watchdog::BOUND, || {
+        let alloc = CountingAllocator::with_size(64 * MIB);
+        let s = Arc::new(ModelSpace::new(&alloc).unwrap());
+        let base = 0x4000_0000;
+        let len = 2 * HUGE_2M;
+        let whole = range(base, len);
+        s.map(base, len, RW, RegionKind::Thp).unwrap();
+        let device = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut ok = 0;
+                for i in 0..300u64 {
+                    let g = s.read_lock();
+                    let va = base + (i * 7 % 1024) * PAGE;
+                    match s.handle_fault(&g, range(va, PAGE), i % 2 == 0) {
+                        Ok(()) => ok += 1,
+                        Err(Error::Fault) => {} // unmapped or read-only right now
+                        Err(e) => panic!("unexpected {e:?}"),
+                    }
+                    // What hmm-core does: snapshot under the read lock. Region
+                    // changes are excluded, but a concurrent CPU access (it
+                    // faults under the read lock too) may change a page once in
+                    // the window: every page must match the oracle as it was just
+                    // before or just after.
+                    let before = s.oracle_under(&g).expected_pfns(whole);
+                    let mut out = vec![Pfn::NONE; whole.pages(12) as usize];
+                    // SAFETY: `root()` is the space's live root and the read
+                    // guard keeps every table reachable from it allocated.
+                    unsafe { hmm_core::pt::snapshot::<X86_64Level4, SimPhys>(s.phys(), s.root(), whole, &mut out) }
+                        .unwrap();
+                    let after = s.oracle_under(&g).expected_pfns(whole);
+                    for (i, p) in out.iter().enumerate() {
+                        assert!(
+                            *p == before[i] || *p == after[i],
+                            "page {i}: {p:?} is neither {:?} nor {:?}",
+                            before[i],
+                            after[i]
+                        );
+                    }
                 }
-                // What hmm-core does: snapshot under the read lock. Region
-                // changes are excluded, but a concurrent CPU access (it
-                // faults under the read lock too) may change a page once in
-                // the window: every page must match the oracle as it was just
-                // before or just after.
-                let before = s.oracle_under(&g).expected_pfns(whole);
-                let mut out = vec![Pfn::NONE; whole.pages(12) as usize];
-                // SAFETY: `root()` is the space's live root and the read
-                // guard keeps every table reachable from it allocated.
-                unsafe { hmm_core::pt::snapshot::<X86_64Level4, SimPhys>(s.phys(), s.root(), whole, &mut out) }
-                    .unwrap();
-                let after = s.oracle_under(&g).expected_pfns(whole);
-                for (i, p) in out.iter().enumerate() {
-                    assert!(
-                        *p == before[i] || *p == after[i],
-                        "page {i}: {p:?} is neither {:?} nor {:?}",
-                        before[i],
-                        after[i]
-                    );
+                ok
+            })
+        };
+        for i in 0..60u64 {
+            let off = (i * 13 % 1024) * PAGE;
+            match i % 4 {
+                0 => {
+                    let _ = s.unmap(range(base + off, PAGE));
                 }
-            }
-            ok
-        })
-    };
-    for i in 0..60u64 {
-        let off = (i * 13 % 1024) * PAGE;
-        match i % 4 {
-            0 => {
-                let _ = s.unmap(range(base + off, PAGE));
-            }
-            1 => {
-                let _ = s.protect(range(base + off, PAGE), if i % 8 == 1 { R } else { RW });
-            }
-            2 => {
-                let _ = s.map(base + off, PAGE, RW, RegionKind::PrivateAnon);
-            }
-            _ => {
-                let _ = s.write_bytes(base + off, &i.to_le_bytes());
+                1 => {
+                    let _ = s.protect(range(base + off, PAGE), if i % 8 == 1 { R } else { RW });
+                }
+                2 => {
+                    let _ = s.map(base + off, PAGE, RW, RegionKind::PrivateAnon);
+                }
+                _ => {
+                    let _ = s.write_bytes(base + off, &i.to_le_bytes());
+                }
             }
         }
-    }
-    let ok = device.join().unwrap();
-    assert!(ok > 0);
-    s.check_tables();
-    let s = Arc::try_unwrap(s).unwrap();
-    finish(&alloc, s);
+        let ok = device.join().unwrap();
+        assert!(ok > 0);
+        s.check_tables();
+        let s = Arc::try_unwrap(s).unwrap();
+        finish(&alloc, s);
+    });
 }
 
 /// A minimal driver notifier: records events and bumps its sequence under
@@ -713,8 +718,8 @@ fn hmm_core_range_fault_runs_against_the_model() {
     let anon = s.map(base, 8 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
     let io = s.map(base + 8 * PAGE, 2 * PAGE, RW, RegionKind::Io).unwrap();
     let rec = Recorder { interval: hmm_core::Interval::new(range(base, 10 * PAGE)), seen: Mutex::default() };
-    // SAFETY: `rec` stays in place until `remove` below has returned.
-    unsafe { s.notifiers().insert(&rec) }.unwrap();
+    // SAFETY: `rec` stays in place until `registration.remove()` below has returned.
+    let registration = unsafe { s.notifiers().insert(&rec) }.unwrap();
 
     // Read faults: the zero page, read-only, as the oracle says.
     let zero = s.zero_frame().unwrap();
@@ -736,6 +741,6 @@ fn hmm_core_range_fault_runs_against_the_model() {
     let view = s.table_view();
     assert!(view.cpu_maps(base + PAGE, pfns[1].phys(), true));
     assert!(!view.cpu_maps(base, pfns[0].phys(), false));
-    s.notifiers().remove(&rec).unwrap();
+    registration.remove();
     finish(&alloc, s);
 }

@@ -3,11 +3,14 @@
 //! (checked against brute force).
 
 use hmm_core::arch::x86_64::X86_64Level4;
-use hmm_core::notifier::{FixedStore, VecStore, Waiter};
+use hmm_core::notifier::{EntryStore, FixedStore, Registration, VecStore, Waiter};
 use hmm_core::{Error, Event, Interval, InvalidateRange, Notifier, NotifierRegistry, VaRange};
 use proptest::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+
+#[path = "common/watchdog.rs"]
+mod watchdog;
 
 type L4 = X86_64Level4;
 const PAGE: u64 = 4096;
@@ -78,15 +81,16 @@ impl Notifier for Counter {
 
 type Registry = NotifierRegistry<VecStore>;
 
-/// Registers `n`.
+/// Registers `n`; dropping (or removing) the returned registration
+/// unregisters it.
 ///
-/// Every caller keeps `n` alive and in place until it is removed or the
-/// registry is dropped (each test declares its notifiers before the registry,
-/// so the registry is dropped first and never touches them afterwards).
-fn add<S: hmm_core::notifier::EntryStore, W: Waiter>(
-    reg: &NotifierRegistry<S, W>,
+/// Every caller keeps `n` alive and in place until its registration is gone
+/// (each test declares its notifiers before the registry, and registrations
+/// borrow the registry, so both are dropped before the notifiers).
+fn add<'r, S: EntryStore, W: Waiter>(
+    reg: &'r NotifierRegistry<S, W>,
     n: &Counter,
-) -> hmm_core::Result<()> {
+) -> hmm_core::Result<Registration<'r, S, W>> {
     // SAFETY: see above: `n` outlives its registration.
     unsafe { reg.insert(n) }
 }
@@ -132,7 +136,7 @@ fn sequence_is_even_when_idle_and_odd_during_an_overlapping_invalidation() {
     let a = Counter::new(pages(1, 4)); // [0x1000, 0x4fff]
     let reg = Registry::new();
     assert_eq!(reg.seq() % 2, 0);
-    add(&reg, &a).unwrap();
+    let _ra = add(&reg, &a).unwrap();
     assert_eq!((reg.len(), reg.is_empty()), (1, false));
     let before = reg.seq();
     assert_eq!(before % 2, 0);
@@ -166,7 +170,7 @@ fn an_invalidation_that_overlaps_nothing_leaves_the_sequence_alone() {
     reg.invalidate_range_end(inv);
     assert_eq!(reg.seq(), 0);
 
-    add(&reg, &a).unwrap();
+    let _ra = add(&reg, &a).unwrap();
     let seq = reg.seq();
     // Touching but not overlapping on either side, and far away.
     for r in [pages(0, 16), pages(20, 1), pages(20, 100), pages(0x1_0000, 1)] {
@@ -195,9 +199,7 @@ fn callbacks_run_exactly_for_overlapping_notifiers() {
     let d = Counter::new(VaRange::new::<L4>(0xffff_8000_0000_0000, 16 * PAGE).unwrap());
     let e = Counter::new(pages(5, 10)); // same interval as b
     let reg = Registry::new();
-    for n in [&a, &b, &c, &d, &e] {
-        add(&reg, n).unwrap();
-    }
+    let _regs: Vec<_> = [&a, &b, &c, &d, &e].into_iter().map(|n| add(&reg, n).unwrap()).collect();
     assert_eq!(reg.len(), 5);
     let calls = || [&a, &b, &c, &d, &e].map(|n| n.calls());
 
@@ -228,8 +230,8 @@ fn nested_invalidations_share_one_odd_sequence() {
     let a = Counter::new(pages(0, 4));
     let b = Counter::new(pages(8, 4));
     let reg = Registry::new();
-    add(&reg, &a).unwrap();
-    add(&reg, &b).unwrap();
+    let _ra = add(&reg, &a).unwrap();
+    let _rb = add(&reg, &b).unwrap();
     let i1 = reg.invalidate_range_start(pages(0, 1), Event::Unmap, true).unwrap();
     let s = reg.seq();
     let i2 = reg.invalidate_range_start(pages(8, 1), Event::Unmap, true).unwrap();
@@ -248,8 +250,8 @@ fn read_begin_and_read_retry_detect_an_invalidation() {
     let a = Counter::new(pages(0, 4));
     let b = Counter::new(pages(100, 4));
     let reg = Registry::new();
-    add(&reg, &a).unwrap();
-    add(&reg, &b).unwrap();
+    let _ra = add(&reg, &a).unwrap();
+    let _rb = add(&reg, &b).unwrap();
 
     let s = reg.read_begin(&a.interval);
     assert!(!reg.read_retry(&a.interval, s));
@@ -286,36 +288,38 @@ fn read_begin_and_read_retry_detect_an_invalidation() {
 
 #[test]
 fn read_begin_waits_while_its_interval_is_invalidated() {
-    let a = Counter::new(pages(0, 4));
-    let b = Counter::new(pages(100, 4));
-    let reg = NotifierRegistry::<VecStore, Watch<0>>::new();
-    add(&reg, &a).unwrap();
-    add(&reg, &b).unwrap();
+    watchdog::bounded("read_begin waiting for the end of an invalidation of its interval", watchdog::BOUND, || {
+        let a = Counter::new(pages(0, 4));
+        let b = Counter::new(pages(100, 4));
+        let reg = NotifierRegistry::<VecStore, Watch<0>>::new();
+        let _ra = add(&reg, &a).unwrap();
+        let _rb = add(&reg, &b).unwrap();
 
-    // An invalidation of b does not hold up a reader of a.
-    let inv = reg.invalidate_range_start(pages(100, 1), Event::Unmap, true).unwrap();
-    let s = reg.read_begin(&a.interval);
-    assert!(!reg.read_retry(&a.interval, s));
-    reg.invalidate_range_end(inv);
-
-    let inv = reg.invalidate_range_start(pages(0, 1), Event::Unmap, true).unwrap();
-    let finished = AtomicBool::new(false);
-    std::thread::scope(|t| {
-        let reader = t.spawn(|| {
-            let s = reg.read_begin(&a.interval);
-            finished.store(true, Ordering::SeqCst);
-            s
-        });
-        assert!(
-            until_waiting_or_finished::<0>(&finished),
-            "read_begin returned during an invalidation of its interval"
-        );
-        assert!(!finished.load(Ordering::SeqCst));
-        let cur = inv.seq();
-        reg.invalidate_range_end(inv);
-        let s = reader.join().unwrap();
-        assert_eq!(s, cur, "read_begin returns the sequence the callback stored");
+        // An invalidation of b does not hold up a reader of a.
+        let inv = reg.invalidate_range_start(pages(100, 1), Event::Unmap, true).unwrap();
+        let s = reg.read_begin(&a.interval);
         assert!(!reg.read_retry(&a.interval, s));
+        reg.invalidate_range_end(inv);
+
+        let inv = reg.invalidate_range_start(pages(0, 1), Event::Unmap, true).unwrap();
+        let finished = AtomicBool::new(false);
+        std::thread::scope(|t| {
+            let reader = t.spawn(|| {
+                let s = reg.read_begin(&a.interval);
+                finished.store(true, Ordering::SeqCst);
+                s
+            });
+            assert!(
+                until_waiting_or_finished::<0>(&finished),
+                "read_begin returned during an invalidation of its interval"
+            );
+            assert!(!finished.load(Ordering::SeqCst));
+            let cur = inv.seq();
+            reg.invalidate_range_end(inv);
+            let s = reader.join().unwrap();
+            assert_eq!(s, cur, "read_begin returns the sequence the callback stored");
+            assert!(!reg.read_retry(&a.interval, s));
+        });
     });
 }
 
@@ -323,39 +327,41 @@ fn read_begin_waits_while_its_interval_is_invalidated() {
 
 #[test]
 fn insert_during_an_invalidation_is_deferred() {
-    let a = Counter::new(pages(0, 8));
-    let b = Counter::new(pages(4, 8));
-    let reg = NotifierRegistry::<VecStore, Watch<1>>::new();
-    add(&reg, &a).unwrap();
+    watchdog::bounded("read_begin of a pending insert waiting for the invalidations to end", watchdog::BOUND, || {
+        let a = Counter::new(pages(0, 8));
+        let b = Counter::new(pages(4, 8));
+        let reg = NotifierRegistry::<VecStore, Watch<1>>::new();
+        let _ra = add(&reg, &a).unwrap();
 
-    let i1 = reg.invalidate_range_start(pages(0, 16), Event::Unmap, true).unwrap();
-    add(&reg, &b).unwrap();
-    assert!(b.interval.is_registered());
-    assert_eq!(reg.len(), 1, "pending inserts are not counted");
-    assert_eq!(b.calls(), 0);
-    // A nested invalidation of the same range does not call it either.
-    let i2 = reg.invalidate_range_start(pages(4, 1), Event::Unmap, true).unwrap();
-    assert_eq!((a.calls(), b.calls()), (2, 0));
-    // Its reader waits for the end of both.
-    let finished = AtomicBool::new(false);
-    std::thread::scope(|t| {
-        let reader = t.spawn(|| {
-            let s = reg.read_begin(&b.interval);
-            finished.store(true, Ordering::SeqCst);
-            s
+        let i1 = reg.invalidate_range_start(pages(0, 16), Event::Unmap, true).unwrap();
+        let _rb = add(&reg, &b).unwrap();
+        assert!(b.interval.is_registered());
+        assert_eq!(reg.len(), 1, "pending inserts are not counted");
+        assert_eq!(b.calls(), 0);
+        // A nested invalidation of the same range does not call it either.
+        let i2 = reg.invalidate_range_start(pages(4, 1), Event::Unmap, true).unwrap();
+        assert_eq!((a.calls(), b.calls()), (2, 0));
+        // Its reader waits for the end of both.
+        let finished = AtomicBool::new(false);
+        std::thread::scope(|t| {
+            let reader = t.spawn(|| {
+                let s = reg.read_begin(&b.interval);
+                finished.store(true, Ordering::SeqCst);
+                s
+            });
+            assert!(until_waiting_or_finished::<1>(&finished), "read_begin of a pending interval did not wait");
+            reg.invalidate_range_end(i1);
+            assert_eq!(reg.len(), 1, "applied only when the last invalidation ends");
+            assert!(!finished.load(Ordering::SeqCst), "read_begin returned while an invalidation still runs");
+            reg.invalidate_range_end(i2);
+            let s = reader.join().unwrap();
+            assert_eq!(reg.len(), 2);
+            // Registered now: the next invalidation calls it, and the reader sees it.
+            let i3 = reg.invalidate_range_start(pages(11, 1), Event::Unmap, true).unwrap();
+            assert_eq!((a.calls(), b.calls()), (2, 1));
+            assert!(reg.read_retry(&b.interval, s));
+            reg.invalidate_range_end(i3);
         });
-        assert!(until_waiting_or_finished::<1>(&finished), "read_begin of a pending interval did not wait");
-        reg.invalidate_range_end(i1);
-        assert_eq!(reg.len(), 1, "applied only when the last invalidation ends");
-        assert!(!finished.load(Ordering::SeqCst), "read_begin returned while an invalidation still runs");
-        reg.invalidate_range_end(i2);
-        let s = reader.join().unwrap();
-        assert_eq!(reg.len(), 2);
-        // Registered now: the next invalidation calls it, and the reader sees it.
-        let i3 = reg.invalidate_range_start(pages(11, 1), Event::Unmap, true).unwrap();
-        assert_eq!((a.calls(), b.calls()), (2, 1));
-        assert!(reg.read_retry(&b.interval, s));
-        reg.invalidate_range_end(i3);
     });
 }
 
@@ -365,122 +371,131 @@ fn insert_during_an_invalidation_is_deferred() {
 /// `read_begin` must wait for the end, or its `read_retry` must fire.
 #[test]
 fn insert_during_an_uncounted_invalidation_cannot_miss_it() {
-    let x = Counter::new(pages(0, 8));
-    let reg = NotifierRegistry::<VecStore, Watch<2>>::new();
-    let inv = reg.invalidate_range_start(pages(0, 8), Event::Unmap, true).unwrap();
-    add(&reg, &x).unwrap();
-    let finished = AtomicBool::new(false);
-    std::thread::scope(|t| {
-        let reader = t.spawn(|| {
-            let s = reg.read_begin(&x.interval);
-            finished.store(true, Ordering::SeqCst);
-            s
+    watchdog::bounded("read_begin of an interval inserted during an invalidation", watchdog::BOUND, || {
+        let x = Counter::new(pages(0, 8));
+        let reg = NotifierRegistry::<VecStore, Watch<2>>::new();
+        let inv = reg.invalidate_range_start(pages(0, 8), Event::Unmap, true).unwrap();
+        let _rx = add(&reg, &x).unwrap();
+        let finished = AtomicBool::new(false);
+        std::thread::scope(|t| {
+            let reader = t.spawn(|| {
+                let s = reg.read_begin(&x.interval);
+                finished.store(true, Ordering::SeqCst);
+                s
+            });
+            let waiting = until_waiting_or_finished::<2>(&finished);
+            // ... here the kernel changes the page table and frees frames ...
+            reg.invalidate_range_end(inv);
+            let s = reader.join().unwrap();
+            assert!(
+                waiting || reg.read_retry(&x.interval, s),
+                "a read that began mid-invalidation was not told to retry"
+            );
         });
-        let waiting = until_waiting_or_finished::<2>(&finished);
-        // ... here the kernel changes the page table and frees frames ...
-        reg.invalidate_range_end(inv);
-        let s = reader.join().unwrap();
-        assert!(waiting || reg.read_retry(&x.interval, s), "a read that began mid-invalidation was not told to retry");
     });
 }
 
 #[test]
 fn remove_during_an_invalidation_waits_for_its_end() {
-    let a = Counter::new(pages(0, 8));
-    let b = Counter::new(pages(0, 8));
-    let reg = NotifierRegistry::<VecStore, Watch<3>>::new();
-    add(&reg, &a).unwrap();
-    add(&reg, &b).unwrap();
-    let inv = reg.invalidate_range_start(pages(2, 1), Event::Unmap, true).unwrap();
-    assert_eq!(a.calls(), 1);
-    let finished = AtomicBool::new(false);
-    std::thread::scope(|t| {
-        let remover = t.spawn(|| {
-            let r = reg.remove(&a);
-            a.removed.store(true, Ordering::SeqCst);
-            finished.store(true, Ordering::SeqCst);
-            r
+    watchdog::bounded("remove waiting for a running invalidation", watchdog::BOUND, || {
+        let a = Counter::new(pages(0, 8));
+        let b = Counter::new(pages(0, 8));
+        let reg = NotifierRegistry::<VecStore, Watch<3>>::new();
+        let ra = add(&reg, &a).unwrap();
+        let rb = add(&reg, &b).unwrap();
+        let inv = reg.invalidate_range_start(pages(2, 1), Event::Unmap, true).unwrap();
+        assert_eq!(a.calls(), 1);
+        let finished = AtomicBool::new(false);
+        std::thread::scope(|t| {
+            let remover = t.spawn(|| {
+                ra.remove();
+                a.removed.store(true, Ordering::SeqCst);
+                finished.store(true, Ordering::SeqCst);
+            });
+            assert!(until_waiting_or_finished::<3>(&finished), "remove returned while an invalidation was running");
+            assert!(!finished.load(Ordering::SeqCst));
+            reg.invalidate_range_end(inv);
+            remover.join().unwrap();
         });
-        assert!(until_waiting_or_finished::<3>(&finished), "remove returned while an invalidation was running");
-        assert!(!finished.load(Ordering::SeqCst));
+        assert!(!a.interval.is_registered());
+        assert_eq!(reg.len(), 1);
+        // No callback after remove returned.
+        let inv = reg.invalidate_range_start(pages(0, 8), Event::Unmap, true).unwrap();
+        assert_eq!((a.calls(), b.calls()), (1, 2));
         reg.invalidate_range_end(inv);
-        assert_eq!(remover.join().unwrap(), Ok(()));
+        assert_eq!(a.late_calls.load(Ordering::SeqCst), 0);
+        // Removing while idle is immediate, and it can be registered again.
+        rb.remove();
+        assert!(reg.is_empty());
+        let ra = add(&reg, &a).unwrap();
+        assert_eq!(reg.len(), 1);
+        ra.remove();
+        assert!(reg.is_empty());
     });
-    assert!(!a.interval.is_registered());
-    assert_eq!(reg.len(), 1);
-    // No callback after remove returned.
-    let inv = reg.invalidate_range_start(pages(0, 8), Event::Unmap, true).unwrap();
-    assert_eq!((a.calls(), b.calls()), (1, 2));
-    reg.invalidate_range_end(inv);
-    assert_eq!(a.late_calls.load(Ordering::SeqCst), 0);
-    assert_eq!(reg.remove(&a), Err(Error::Unregistered));
-    // Removing while idle is immediate, and it can be registered again.
-    assert_eq!(reg.remove(&b), Ok(()));
-    assert!(reg.is_empty());
-    add(&reg, &a).unwrap();
-    assert_eq!(reg.len(), 1);
-    assert_eq!(reg.remove(&a), Ok(()));
 }
 
 #[test]
 fn removing_a_pending_insert_cancels_it() {
-    let a = Counter::new(pages(0, 8));
-    let b = Counter::new(pages(0, 8));
-    let reg = NotifierRegistry::<VecStore, Watch<4>>::new();
-    add(&reg, &a).unwrap();
-    let inv = reg.invalidate_range_start(pages(0, 1), Event::Unmap, true).unwrap();
-    add(&reg, &b).unwrap();
-    // Does not wait: the insert never reached the index. (Removed from
-    // another thread so a wrong wait fails the test instead of hanging it.)
-    let finished = AtomicBool::new(false);
-    std::thread::scope(|t| {
-        let remover = t.spawn(|| {
-            let r = reg.remove(&b);
-            finished.store(true, Ordering::SeqCst);
-            r
+    watchdog::bounded("remove of a pending insert", watchdog::BOUND, || {
+        let a = Counter::new(pages(0, 8));
+        let b = Counter::new(pages(0, 8));
+        let reg = NotifierRegistry::<VecStore, Watch<4>>::new();
+        let _ra = add(&reg, &a).unwrap();
+        let inv = reg.invalidate_range_start(pages(0, 1), Event::Unmap, true).unwrap();
+        let rb = add(&reg, &b).unwrap();
+        // Does not wait: the insert never reached the index. (Removed from
+        // another thread so a wrong wait fails the test instead of hanging it.)
+        let finished = AtomicBool::new(false);
+        std::thread::scope(|t| {
+            let remover = t.spawn(|| {
+                rb.remove();
+                finished.store(true, Ordering::SeqCst);
+            });
+            let waited = until_waiting_or_finished::<4>(&finished);
+            reg.invalidate_range_end(inv);
+            remover.join().unwrap();
+            assert!(!waited, "remove of a pending insert waited for the invalidation");
         });
-        let waited = until_waiting_or_finished::<4>(&finished);
+        assert!(!b.interval.is_registered());
+        assert_eq!(reg.len(), 1);
+        let inv = reg.invalidate_range_start(pages(0, 8), Event::Unmap, true).unwrap();
         reg.invalidate_range_end(inv);
-        assert_eq!(remover.join().unwrap(), Ok(()));
-        assert!(!waited, "remove of a pending insert waited for the invalidation");
+        assert_eq!((a.calls(), b.calls()), (2, 0));
     });
-    assert!(!b.interval.is_registered());
-    assert_eq!(reg.len(), 1);
-    let inv = reg.invalidate_range_start(pages(0, 8), Event::Unmap, true).unwrap();
-    reg.invalidate_range_end(inv);
-    assert_eq!((a.calls(), b.calls()), (2, 0));
 }
 
 #[test]
 fn no_callback_after_remove_returns_under_concurrent_invalidations() {
-    let ns: Vec<Counter> = (0..4).map(|i| Counter::new(pages(i * 4, 8))).collect();
-    let reg = Registry::new();
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|t| {
-        t.spawn(|| {
-            let mut k = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                let inv = reg.invalidate_range_start(pages(k % 20, 3), Event::Clear, true).unwrap();
-                std::hint::spin_loop();
-                reg.invalidate_range_end(inv);
-                k += 1;
+    watchdog::bounded("insert/remove rounds against a concurrent invalidator", watchdog::BOUND, || {
+        let ns: Vec<Counter> = (0..4).map(|i| Counter::new(pages(i * 4, 8))).collect();
+        let reg = Registry::new();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                let mut k = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let inv = reg.invalidate_range_start(pages(k % 20, 3), Event::Clear, true).unwrap();
+                    std::hint::spin_loop();
+                    reg.invalidate_range_end(inv);
+                    k += 1;
+                }
+            });
+            for round in 0..400 {
+                let n = &ns[round % ns.len()];
+                n.removed.store(false, Ordering::SeqCst);
+                let r = add(&reg, n).unwrap();
+                std::thread::yield_now();
+                r.remove();
+                n.removed.store(true, Ordering::SeqCst);
             }
+            stop.store(true, Ordering::SeqCst);
         });
-        for round in 0..400 {
-            let n = &ns[round % ns.len()];
-            n.removed.store(false, Ordering::SeqCst);
-            add(&reg, n).unwrap();
-            std::thread::yield_now();
-            assert_eq!(reg.remove(n), Ok(()));
-            n.removed.store(true, Ordering::SeqCst);
+        assert!(reg.is_empty());
+        for n in &ns {
+            assert_eq!(n.late_calls.load(Ordering::SeqCst), 0, "callback after remove returned");
         }
-        stop.store(true, Ordering::SeqCst);
+        assert_eq!(reg.seq() % 2, 0);
     });
-    assert!(reg.is_empty());
-    for n in &ns {
-        assert_eq!(n.late_calls.load(Ordering::SeqCst), 0, "callback after remove returned");
-    }
-    assert_eq!(reg.seq() % 2, 0);
 }
 
 // ------------------------------------------------------------------ non-blockable, release
@@ -490,8 +505,8 @@ fn non_blockable_invalidation_refused_by_a_callback() {
     let a = Counter::new(pages(0, 8));
     let r = Counter::refusing(pages(4, 8));
     let reg = Registry::new();
-    add(&reg, &a).unwrap();
-    add(&reg, &r).unwrap();
+    let _ra = add(&reg, &a).unwrap();
+    let _rr = add(&reg, &r).unwrap();
     let seq = reg.seq();
     assert_eq!(reg.invalidate_range_start(pages(0, 16), Event::Unmap, false).err(), Some(Error::WouldBlock));
     assert_eq!(reg.seq() % 2, 0, "sequence back to even after a refusal");
@@ -500,7 +515,7 @@ fn non_blockable_invalidation_refused_by_a_callback() {
 
     // Not stuck: inserts apply at once, later invalidations work.
     let c = Counter::new(pages(100, 1));
-    add(&reg, &c).unwrap();
+    let _rc = add(&reg, &c).unwrap();
     assert_eq!(reg.len(), 3);
     // Non-blockable but only touching a (which agrees): fine.
     let inv = reg.invalidate_range_start(pages(0, 2), Event::Unmap, false).unwrap();
@@ -521,9 +536,7 @@ fn release_calls_every_notifier_then_refuses_inserts() {
     let c = Counter::new(VaRange::new::<L4>(0xffff_8000_0000_0000, PAGE).unwrap());
     let late = Counter::new(pages(5, 1));
     let reg = Registry::new();
-    for n in [&a, &b, &c] {
-        add(&reg, n).unwrap();
-    }
+    let regs: Vec<_> = [&a, &b, &c].into_iter().map(|n| add(&reg, n).unwrap()).collect();
     assert!(!reg.is_released());
     reg.release();
     assert!(reg.is_released());
@@ -535,11 +548,11 @@ fn release_calls_every_notifier_then_refuses_inserts() {
         assert_eq!((inv.range.start(), inv.range.last()), (0, u64::MAX));
     }
     assert_eq!(reg.seq() % 2, 0);
-    assert_eq!(add(&reg, &late), Err(Error::Released));
+    assert_eq!(add(&reg, &late).err(), Some(Error::Released));
     assert!(!late.interval.is_registered());
     // Drivers still unregister afterwards.
-    for n in [&a, &b, &c] {
-        assert_eq!(reg.remove(n), Ok(()));
+    for r in regs {
+        r.remove();
     }
     assert!(reg.is_empty());
 }
@@ -550,19 +563,19 @@ fn release_calls_every_notifier_then_refuses_inserts() {
 fn fixed_store_capacity() {
     let ns: Vec<Counter> = (0..4).map(|i| Counter::new(pages(i * 8, 8))).collect();
     let reg = NotifierRegistry::<FixedStore<2>>::new();
-    add(&reg, &ns[0]).unwrap();
-    add(&reg, &ns[1]).unwrap();
-    assert_eq!(add(&reg, &ns[2]), Err(Error::Capacity));
+    let r0 = add(&reg, &ns[0]).unwrap();
+    let r1 = add(&reg, &ns[1]).unwrap();
+    assert_eq!(add(&reg, &ns[2]).err(), Some(Error::Capacity));
     assert!(!ns[2].interval.is_registered());
     assert_eq!(reg.len(), 2);
-    reg.remove(&ns[0]).unwrap();
-    add(&reg, &ns[2]).unwrap();
+    r0.remove();
+    let _r2 = add(&reg, &ns[2]).unwrap();
     assert_eq!(reg.len(), 2);
     // Pending inserts count against the capacity.
-    reg.remove(&ns[1]).unwrap();
+    r1.remove();
     let inv = reg.invalidate_range_start(pages(16, 1), Event::Unmap, true).unwrap();
-    add(&reg, &ns[3]).unwrap();
-    assert_eq!(add(&reg, &ns[0]), Err(Error::Capacity));
+    let _r3 = add(&reg, &ns[3]).unwrap();
+    assert_eq!(add(&reg, &ns[0]).err(), Some(Error::Capacity));
     reg.invalidate_range_end(inv);
     assert_eq!(reg.len(), 2);
     let inv = reg.invalidate_range_start(pages(0, 32), Event::Unmap, true).unwrap();
@@ -574,14 +587,14 @@ fn fixed_store_capacity() {
 fn double_insert_is_refused() {
     let a = Counter::new(pages(0, 8));
     let reg = Registry::new();
-    add(&reg, &a).unwrap();
-    assert_eq!(add(&reg, &a), Err(Error::Busy));
+    let _ra = add(&reg, &a).unwrap();
+    assert_eq!(add(&reg, &a).err(), Some(Error::Busy));
     assert_eq!(reg.len(), 1);
     // While pending, too.
     let b = Counter::new(pages(0, 8));
     let inv = reg.invalidate_range_start(pages(0, 1), Event::Unmap, true).unwrap();
-    add(&reg, &b).unwrap();
-    assert_eq!(add(&reg, &b), Err(Error::Busy));
+    let _rb = add(&reg, &b).unwrap();
+    assert_eq!(add(&reg, &b).err(), Some(Error::Busy));
     reg.invalidate_range_end(inv);
     assert_eq!(reg.len(), 2);
     // One registration, one callback each.
@@ -590,36 +603,42 @@ fn double_insert_is_refused() {
     assert_eq!((a.calls(), b.calls()), (2, 1));
 }
 
+/// Removing a notifier that was never inserted, or removing it twice, can no
+/// longer be written: only a `Registration` unregisters, and `remove` consumes
+/// it. What is left: removing and dropping a registration both unregister.
 #[test]
 fn removing_an_unregistered_notifier() {
     let a = Counter::new(pages(0, 8));
     let b = Counter::new(pages(0, 8));
     let reg = Registry::new();
-    assert_eq!(reg.remove(&a), Err(Error::Unregistered));
-    add(&reg, &b).unwrap();
-    assert_eq!(reg.remove(&a), Err(Error::Unregistered));
+    let rb = add(&reg, &b).unwrap();
+    {
+        let _ra = add(&reg, &a).unwrap();
+        assert_eq!(reg.len(), 2);
+    }
+    assert!(!a.interval.is_registered(), "dropping a registration unregisters");
     assert_eq!(reg.len(), 1);
-    assert_eq!(reg.remove(&b), Ok(()));
-    assert_eq!(reg.remove(&b), Err(Error::Unregistered));
+    rb.remove();
+    assert!(!b.interval.is_registered());
     assert!(reg.is_empty());
 }
 
-/// A notifier registered in one registry and "removed" from another must
-/// stay registered where it is: otherwise the driver frees it while the first
+/// A notifier registered in one registry cannot be inserted into (or, since
+/// only its `Registration` unregisters it, removed from) another: it stays
+/// registered where it is, otherwise the driver frees it while the first
 /// registry still calls it (and can never remove it from there).
 #[test]
 fn removing_from_the_wrong_registry_changes_nothing() {
     let a = Counter::new(pages(0, 8));
     let r1 = Registry::new();
     let r2 = Registry::new();
-    add(&r1, &a).unwrap();
-    assert_eq!(add(&r2, &a), Err(Error::Busy));
-    assert_eq!(r2.remove(&a), Err(Error::Unregistered));
+    let ra = add(&r1, &a).unwrap();
+    assert_eq!(add(&r2, &a).err(), Some(Error::Busy));
     assert!(a.interval.is_registered());
     let inv = r1.invalidate_range_start(pages(0, 1), Event::Unmap, true).unwrap();
     r1.invalidate_range_end(inv);
     assert_eq!(a.calls(), 1);
-    assert_eq!(r1.remove(&a), Ok(()));
+    ra.remove();
     assert!(r1.is_empty());
 }
 
@@ -631,10 +650,8 @@ fn ten_thousand_intervals_only_the_overlapping_ones_are_called() {
     let ns: Vec<Counter> = (0..10_000).map(|i| Counter::new(pages(4 * i, 2))).collect();
     let big = Counter::new(pages(0, 40_000));
     let reg = Registry::new();
-    for n in &ns {
-        add(&reg, n).unwrap();
-    }
-    add(&reg, &big).unwrap();
+    let _regs: Vec<_> = ns.iter().map(|n| add(&reg, n).unwrap()).collect();
+    let rbig = add(&reg, &big).unwrap();
     assert_eq!(reg.len(), 10_001);
     let total = || ns.iter().map(|n| n.calls()).sum::<usize>();
 
@@ -670,7 +687,7 @@ fn ten_thousand_intervals_only_the_overlapping_ones_are_called() {
     assert_eq!((ns[249].calls(), ns[275].calls()), (0, 0));
 
     // After removing the big one, a gap query calls nobody.
-    reg.remove(&big).unwrap();
+    rbig.remove();
     let inv = reg.invalidate_range_start(pages(39_998, 2), Event::Unmap, true).unwrap();
     assert_eq!(inv.seq(), 0);
     reg.invalidate_range_end(inv);
@@ -698,9 +715,7 @@ proptest! {
     ) {
         let ns: Vec<Counter> = intervals.iter().map(|&(p, n)| Counter::new(pages(p, n))).collect();
         let reg = Registry::new();
-        for n in &ns {
-            add(&reg, n).unwrap();
-        }
+        let mut regs: Vec<_> = ns.iter().map(|n| Some(add(&reg, n).unwrap())).collect();
         let mut live = vec![true; ns.len()];
         let mut expected = vec![0usize; ns.len()];
         let run = |reg: &Registry, live: &[bool], expected: &mut [usize]| -> Result<(), TestCaseError> {
@@ -727,7 +742,7 @@ proptest! {
         for ix in &removals {
             let i = ix.index(ns.len());
             if live[i] {
-                reg.remove(&ns[i]).unwrap();
+                regs[i].take().expect("live notifiers are registered").remove();
                 live[i] = false;
             }
         }

@@ -32,7 +32,7 @@ mod index;
 mod registry;
 mod store;
 
-pub use registry::{Invalidation, NotifierRegistry};
+pub use registry::{Invalidation, NotifierRegistry, Registration};
 #[cfg(feature = "alloc")]
 pub use store::VecStore;
 pub use store::{Entry, EntryStore, FixedStore};

@@ -16,6 +16,37 @@ use core::sync::atomic::Ordering;
 ///
 /// The sequence is even when idle and odd while at least one invalidation
 /// that overlaps a registered interval is running.
+///
+/// It is `Sync` only when its [`EntryStore`] is: invalidations on several
+/// threads read the store at once. A store with unsynchronised interior
+/// mutability makes a registry that cannot be shared:
+/// ```compile_fail
+/// # use hmm_core::notifier::{Entry, EntryStore, FixedStore, NotifierRegistry};
+/// #[derive(Default)]
+/// struct Counting {
+///     inner: FixedStore<4>,
+///     reads: core::cell::Cell<u64>,
+/// }
+/// impl EntryStore for Counting {
+///     fn entries(&self) -> &[Entry] {
+///         self.reads.set(self.reads.get() + 1);
+///         self.inner.entries()
+///     }
+///     fn entries_mut(&mut self) -> &mut [Entry] { self.inner.entries_mut() }
+///     fn insert(&mut self, i: usize, e: Entry) -> Result<(), Entry> { self.inner.insert(i, e) }
+///     fn remove(&mut self, i: usize) -> Entry { self.inner.remove(i) }
+///     fn room(&self) -> Option<usize> { self.inner.room() }
+///     fn spare(&self) -> usize { self.inner.spare() }
+/// }
+/// fn sync<T: Sync>() {}
+/// sync::<NotifierRegistry<Counting>>();
+/// ```
+/// while the stores hmm-core ships can:
+/// ```
+/// # use hmm_core::notifier::{FixedStore, NotifierRegistry};
+/// fn sync<T: Sync>() {}
+/// sync::<NotifierRegistry<FixedStore<4>>>();
+/// ```
 pub struct NotifierRegistry<S: EntryStore, W: Waiter = SpinWait> {
     /// Count of running invalidations; a short spin lock, never held across
     /// a callback or a wait.
@@ -27,6 +58,10 @@ pub struct NotifierRegistry<S: EntryStore, W: Waiter = SpinWait> {
     // modification can run). Postponed operations live in `active`.
     store: RawCell<S>,
     seq: AtomicU64,
+    /// Invalidations ended so far (changed under `active`): a reader waiting
+    /// through back-to-back overlapping invalidations, whose sequence stays
+    /// odd, still sees each one end and can count it against its budget.
+    ended: AtomicU64,
     released: AtomicBool,
     waiter: W,
 }
@@ -45,9 +80,13 @@ struct Deferred {
     entry: Entry,
 }
 
-// SAFETY: all shared access to `store` follows the invariant above; `S` is
-// Send, and entries point to `Sync` notifiers.
-unsafe impl<S: EntryStore, W: Waiter> Sync for NotifierRegistry<S, W> {}
+// SAFETY: `store` is modified only by one thread at a time (with `active`
+// locked and no invalidation running, invariant above), but it is *read*
+// concurrently by every running invalidation, outside the lock: hence
+// `S: Sync` (a store with unsynchronised interior mutability must not be
+// shared) as well as `S: Send` (the thread holding the lock mutates it).
+// Entries point to `Sync` notifiers.
+unsafe impl<S: EntryStore + Sync, W: Waiter> Sync for NotifierRegistry<S, W> {}
 // SAFETY: the registry owns its store, which is Send.
 unsafe impl<S: EntryStore, W: Waiter + Send> Send for NotifierRegistry<S, W> {}
 
@@ -72,6 +111,56 @@ impl Invalidation {
     }
 }
 
+/// A notifier's place in a registry: returned by
+/// [`NotifierRegistry::insert`], it is the only way to take the notifier out
+/// again ([`remove`](Self::remove), or dropping it). Whoever registered a
+/// notifier owns its registration, so no other code can detach it (a
+/// [`Mirror`](crate::Mirror) keeps its own private, which is how it makes
+/// sure it is emptied before it stops receiving invalidations).
+///
+/// The registry itself offers no way to remove a notifier it is shown:
+/// ```compile_fail
+/// # use hmm_core::notifier::{FixedStore, NotifierRegistry};
+/// # use hmm_core::Notifier;
+/// fn detach(reg: &NotifierRegistry<FixedStore<4>>, n: &dyn Notifier) {
+///     let _ = reg.remove(n);
+/// }
+/// ```
+#[must_use = "dropping a Registration unregisters the notifier at once"]
+pub struct Registration<'r, S: EntryStore, W: Waiter = SpinWait> {
+    registry: &'r NotifierRegistry<S, W>,
+    notifier: NonNull<dyn Notifier>,
+}
+
+// SAFETY: the pointer names a `Notifier`, which is `Sync`; the registration
+// only compares it and hands it back to its registry, which is `Sync`.
+unsafe impl<S: EntryStore + Sync, W: Waiter> Send for Registration<'_, S, W> {}
+// SAFETY: `&Registration` allows nothing but reading the registry reference.
+unsafe impl<S: EntryStore + Sync, W: Waiter> Sync for Registration<'_, S, W> {}
+
+impl<S: EntryStore, W: Waiter> core::fmt::Debug for Registration<'_, S, W> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Registration").field("notifier", &self.notifier.as_ptr().cast::<()>()).finish()
+    }
+}
+
+impl<S: EntryStore, W: Waiter> Registration<'_, S, W> {
+    /// Unregisters the notifier. If an invalidation is running, waits for it
+    /// to end; after return no callback of the notifier runs or will run.
+    ///
+    /// Must not be called from an invalidation callback (it would wait for
+    /// itself).
+    pub fn remove(self) {
+        // `Drop` does the work.
+    }
+}
+
+impl<S: EntryStore, W: Waiter> Drop for Registration<'_, S, W> {
+    fn drop(&mut self) {
+        self.registry.remove(self.notifier);
+    }
+}
+
 /// Whether `a` is the notifier at address `b`.
 fn same(a: NonNull<dyn Notifier>, b: *const ()) -> bool {
     core::ptr::eq(a.as_ptr().cast::<()>(), b)
@@ -84,6 +173,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
             active: LockCell::new(State::default()),
             store: RawCell::new(S::default()),
             seq: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
             released: AtomicBool::new(false),
             waiter: W::default(),
         }
@@ -93,13 +183,18 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// the insert takes effect when the last one ends, and a
     /// [`read_begin`](Self::read_begin) meanwhile waits.
     ///
+    /// The interval is marked registered under the registry lock that checks
+    /// it, so of two concurrent inserts of one notifier exactly one succeeds.
+    ///
     /// Errors: [`Error::Released`], [`Error::Capacity`], and [`Error::Busy`]
     /// if the interval is already registered.
     ///
     /// # Safety
-    /// `notifier` must stay at its address and alive until [`remove`](Self::remove)
-    /// of it has returned (the registry keeps a pointer to it).
-    pub unsafe fn insert(&self, notifier: &dyn Notifier) -> Result<()> {
+    /// `notifier` must stay at its address and alive until the returned
+    /// [`Registration`] has been dropped or [removed](Registration::remove)
+    /// (the registry keeps a pointer to it); the registration must not be
+    /// leaked (`mem::forget`) while the notifier may still go away.
+    pub unsafe fn insert(&self, notifier: &dyn Notifier) -> Result<Registration<'_, S, W>> {
         let interval = notifier.interval();
         let range = interval.range();
         // SAFETY: lifetime erasure only; the caller keeps `notifier` alive and
@@ -131,6 +226,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
                     // registry's, so read_begin does not wait.
                     let seq = self.seq.load(Ordering::Relaxed);
                     interval.seq.store(seq.wrapping_sub(1), Ordering::Release);
+                    interval.state.store(REGISTERED, Ordering::Release);
                     break;
                 }
                 let pending = state.deferred.iter().filter(|d| d.insert).count();
@@ -147,6 +243,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
                 if pending < spare && state.deferred.push(Deferred { insert: true, entry }).is_ok() {
                     // Inserted when the last invalidation ends.
                     interval.seq.store(seq, Ordering::Release);
+                    interval.state.store(REGISTERED, Ordering::Release);
                     break;
                 }
                 seq
@@ -154,86 +251,59 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
             // No room to postpone without allocating: wait for the end.
             self.waiter.wait_until(&|| self.seq.load(Ordering::Acquire) != wait_seq);
         }
-        interval.state.store(REGISTERED, Ordering::Release);
-        Ok(())
+        Ok(Registration { registry: self, notifier: ptr })
     }
 
-    /// Unregisters `notifier`. If an invalidation is running, waits for it to
-    /// end. After return no callback of `notifier` runs or will run.
-    /// Removing an unregistered notifier is [`Error::Unregistered`].
-    ///
-    /// Must not be called from an invalidation callback.
-    pub fn remove(&self, notifier: &dyn Notifier) -> Result<()> {
-        let target = notifier as *const dyn Notifier as *const ();
-        /// What one locked attempt found.
-        enum Step {
-            Removed,
-            NotHere,
-            Postponed(u64),
-        }
-        let mut postponed = false;
+    /// Takes `notifier` out (see [`Registration::remove`]): at once when no
+    /// invalidation runs, otherwise postponed to the end of the last one,
+    /// waiting for it. The interval is marked unregistered under the
+    /// registry lock, when its entry leaves the store.
+    fn remove(&self, notifier: NonNull<dyn Notifier>) {
+        let target = notifier.as_ptr().cast::<()>();
+        // SAFETY: the notifier is registered, so alive (insert's contract).
+        let interval = unsafe { notifier.as_ref() }.interval();
         loop {
-            let step = {
+            let waiting_for = {
                 let mut state = self.active.lock();
-                if !notifier.interval().is_registered() {
-                    return Err(Error::Unregistered);
-                }
                 let seq = self.seq.load(Ordering::Relaxed);
                 if let Some(i) = state.deferred.iter().position(|d| d.insert && same(d.entry.notifier, target)) {
                     // A pending insert never reached the tree: cancel it.
                     state.deferred.remove(i);
-                    Step::Removed
-                } else if seq & 1 == 0 {
+                    interval.state.store(UNREGISTERED, Ordering::Release);
+                    return;
+                }
+                if seq & 1 == 0 {
                     // SAFETY: `active` is locked and the sequence even:
                     // nobody reads the store outside the lock.
                     unsafe {
                         self.store.with_mut(|store| {
-                            match store.entries().iter().position(|e| same(e.notifier, target)) {
-                                Some(at) => {
-                                    store.remove(at);
-                                    rebuild(store.entries_mut());
-                                    Step::Removed
-                                }
-                                None => Step::NotHere,
+                            if let Some(at) = store.entries().iter().position(|e| same(e.notifier, target)) {
+                                store.remove(at);
+                                rebuild(store.entries_mut());
                             }
                         })
-                    }
-                } else {
+                    };
+                    // Not in the store either: a postponed remove of ours was
+                    // applied by the last invalidation (which marked it).
+                    interval.state.store(UNREGISTERED, Ordering::Release);
+                    return;
+                }
+                // Invalidations may be calling it: postpone to the end of the
+                // last one (with no room, wait and retry).
+                if !state.deferred.iter().any(|d| !d.insert && same(d.entry.notifier, target)) {
                     // SAFETY: a shared read, as invalidations do.
                     let here = unsafe {
                         self.store.with(|store| store.entries().iter().find(|e| same(e.notifier, target)).copied())
                     };
-                    match here {
-                        None => Step::NotHere,
-                        Some(entry) => {
-                            // Invalidations may be calling it: postpone to the
-                            // end of the last one (with no room, wait and retry).
-                            if !state.deferred.iter().any(|d| !d.insert && same(d.entry.notifier, target)) {
-                                let _ = state.deferred.push(Deferred { insert: false, entry });
-                            }
-                            Step::Postponed(seq)
-                        }
+                    if let Some(entry) = here {
+                        let _ = state.deferred.push(Deferred { insert: false, entry });
                     }
                 }
+                seq
             };
-            match step {
-                // A postponed remove was applied by the last invalidation.
-                Step::Removed | Step::NotHere if postponed => {
-                    notifier.interval().state.store(UNREGISTERED, Ordering::Release);
-                    return Ok(());
-                }
-                Step::Removed => {
-                    notifier.interval().state.store(UNREGISTERED, Ordering::Release);
-                    return Ok(());
-                }
-                Step::NotHere => return Err(Error::Unregistered),
-                // The last running invalidation applies the postponed remove,
-                // then makes the sequence even.
-                Step::Postponed(seq) => {
-                    postponed = true;
-                    self.waiter.wait_until(&|| self.seq.load(Ordering::Acquire) != seq);
-                }
-            }
+            // The last running invalidation applies the postponed remove, then
+            // makes the sequence even.
+            self.waiter.wait_until(&|| self.seq.load(Ordering::Acquire) != waiting_for);
         }
     }
 
@@ -290,6 +360,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
         {
             let mut state = self.active.lock();
             state.active -= 1;
+            self.ended.fetch_add(1, Ordering::Release);
             let seq = self.seq.load(Ordering::Relaxed);
             if state.active == 0 && seq & 1 == 1 {
                 let deferred = core::mem::take(&mut state.deferred);
@@ -319,17 +390,36 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
 
     /// Starts a read-side critical section for `interval`: waits while an
     /// invalidation covering it runs, then returns its sequence.
+    ///
+    /// Waits without bound: overlapping invalidations that keep starting
+    /// before the last one ends keep it waiting. A caller with a budget uses
+    /// [`read_begin_bounded`](Self::read_begin_bounded).
     pub fn read_begin(&self, interval: &Interval) -> u64 {
+        self.read_begin_bounded(interval, &mut || false).unwrap_or_else(|| interval.seq())
+    }
+
+    /// [`read_begin`](Self::read_begin) that can give up: whenever an
+    /// invalidation ends while another still covers `interval` (the sequence
+    /// stays odd), it calls `give_up`, and returns `None` once that says
+    /// true. So a caller waits at most one invalidation's length past the
+    /// moment its budget runs out, whatever the invalidation pattern.
+    pub fn read_begin_bounded(&self, interval: &Interval, give_up: &mut dyn FnMut() -> bool) -> Option<u64> {
         // No invalidation can reach an unregistered interval: nothing to wait for.
         if !interval.is_registered() {
-            return interval.seq();
+            return Some(interval.seq());
         }
         loop {
             let seq = interval.seq();
             if seq != self.seq.load(Ordering::Acquire) {
-                return seq;
+                return Some(seq);
             }
-            self.waiter.wait_until(&|| self.seq.load(Ordering::Acquire) != seq);
+            let ended = self.ended.load(Ordering::Acquire);
+            self.waiter.wait_until(&|| {
+                self.seq.load(Ordering::Acquire) != seq || self.ended.load(Ordering::Acquire) != ended
+            });
+            if interval.seq() == self.seq.load(Ordering::Acquire) && give_up() {
+                return None;
+            }
         }
     }
 
@@ -378,6 +468,10 @@ fn apply_deferred<S: EntryStore>(store: &mut S, deferred: &[Deferred]) {
             store.entries().iter().position(|e| same(e.notifier, op.entry.notifier.as_ptr().cast::<()>()))
         {
             store.remove(at);
+            // SAFETY: its remover is waiting for this invalidation to end, so
+            // the notifier is alive (insert's contract).
+            let interval = unsafe { op.entry.notifier.as_ref() }.interval();
+            interval.state.store(UNREGISTERED, Ordering::Release);
         }
     }
     rebuild(store.entries_mut());

@@ -17,8 +17,14 @@ pub struct Entry {
 // SAFETY: `notifier` points to a `Notifier`, which is `Sync`; the registry's
 // insert contract keeps it alive while the entry exists.
 unsafe impl Send for Entry {}
+// SAFETY: an `Entry` is plain data (bounds and a pointer to a `Sync`
+// notifier); a shared `&Entry` allows only reading it.
+unsafe impl Sync for Entry {}
 
 /// Storage for registry entries, kept sorted by start.
+///
+/// The registry is `Sync` only when its store is `Sync` too: running
+/// invalidations read the entries concurrently, outside the registry lock.
 pub trait EntryStore: Default + Send {
     /// Entries, sorted by start.
     fn entries(&self) -> &[Entry];

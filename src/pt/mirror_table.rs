@@ -9,7 +9,7 @@
 //! Directories are freed only by [`MirrorTable::prune`], which the mirror
 //! calls after the device flushed its TLB.
 
-use crate::arch::{PagingGeometry, MAX_LEVELS};
+use crate::arch::{check_geometry, PagingGeometry};
 use crate::frame::FrameAllocator;
 use crate::phys::{entry, PhysMem};
 use crate::range::VaRange;
@@ -94,24 +94,37 @@ pub struct MirrorTable<G: PagingGeometry> {
 /// Allocates a zeroed table frame.
 fn alloc_table<P: PhysMem + ?Sized, A: FrameAllocator + ?Sized>(phys: &P, alloc: &A) -> Result<u64> {
     let frame = alloc.alloc_frame().ok_or(Error::NoMemory)?;
-    // SAFETY: the frame was just allocated to us, so it is ours to write, and
-    // `PhysMem` makes the pointer valid for the whole 4 KiB frame.
-    unsafe { core::ptr::write_bytes(phys.ptr(frame), 0, 4096) };
+    // Entries are only ever touched atomically (a device walker may read a
+    // table while it is linked), so zero it the same way, not with a memset.
+    for index in 0..512 {
+        // SAFETY: the frame was just allocated to us: a live, 4 KiB-aligned
+        // frame of `phys`, and `index < 512`.
+        unsafe { entry(phys, frame, index) }.store(0, Ordering::Relaxed);
+    }
     Ok(frame)
 }
 
 impl<G: PagingGeometry> MirrorTable<G> {
     /// An empty table (one root frame).
     ///
-    /// Errors: [`Error::Unencodable`] if `G` does not describe 4 KiB pages
-    /// with tables of at most 512 entries (every table is one 4 KiB frame and
-    /// every entry one 4 KiB page), [`Error::NoMemory`].
+    /// Errors: [`Error::BadGeometry`] if `G` fails [`check_geometry`] (its
+    /// index bits do not add up to `VA_BITS`, so distinct addresses would
+    /// share entries) or does not describe 4 KiB pages with tables of at most
+    /// 512 entries (every table is one 4 KiB frame and every entry one 4 KiB
+    /// page), [`Error::NoMemory`].
     pub fn new<P: PhysMem + ?Sized, A: FrameAllocator + ?Sized>(phys: &P, alloc: &A) -> Result<Self> {
-        let levels_ok = G::LEVELS > 0 && G::LEVELS <= MAX_LEVELS;
-        if G::PAGE_SHIFT != 12 || !levels_ok || G::INDEX_BITS[..G::LEVELS].iter().any(|&b| b > 9) {
-            return Err(Error::Unencodable);
-        }
+        Self::check_geometry()?;
         Ok(Self { root: alloc_table(phys, alloc)?, dirs: 1, _g: PhantomData })
+    }
+
+    /// Whether a table of geometry `G` can be built: [`Error::BadGeometry`]
+    /// as in [`new`](Self::new), without allocating.
+    pub fn check_geometry() -> Result<()> {
+        let valid = check_geometry(G::LEVELS, G::PAGE_SHIFT, G::INDEX_BITS, G::VA_BITS, G::LEAF_LEVELS);
+        if !valid || G::PAGE_SHIFT != 12 || G::INDEX_BITS[..G::LEVELS].iter().any(|&b| b > 9) {
+            return Err(Error::BadGeometry);
+        }
+        Ok(())
     }
 
     /// Physical address of the root (for a device that walks it itself).

@@ -3,6 +3,7 @@
 
 use super::shim::{spin_hint, AtomicBool};
 use core::cell::UnsafeCell;
+use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
 use core::sync::atomic::Ordering;
 
@@ -73,12 +74,12 @@ impl<L: RawLock, T> LockCell<L, T> {
     /// Locks, waiting as needed.
     pub fn lock(&self) -> LockGuard<'_, L, T> {
         self.lock.lock();
-        LockGuard { cell: self }
+        LockGuard { cell: self, _not_send: PhantomData }
     }
 
     /// Locks if free.
     pub fn try_lock(&self) -> Option<LockGuard<'_, L, T>> {
-        self.lock.try_lock().then_some(LockGuard { cell: self })
+        self.lock.try_lock().then_some(LockGuard { cell: self, _not_send: PhantomData })
     }
 
     /// Exclusive access without locking (the borrow proves exclusivity).
@@ -88,9 +89,37 @@ impl<L: RawLock, T> LockCell<L, T> {
 }
 
 /// Holds a [`LockCell`] locked; unlocks on drop.
+///
+/// Like `std::sync::MutexGuard` it is `Sync` only when `T` is (a shared
+/// `&LockGuard` hands out `&T` to every thread that has it), and never `Send`:
+/// a kernel's sleeping lock may have to be released by the thread that took it.
+///
+/// ```
+/// # use hmm_core::sync::{LockGuard, SpinLock};
+/// fn sync<T: Sync>() {}
+/// sync::<LockGuard<'static, SpinLock, u64>>();
+/// ```
+/// A guard of a `Cell` cannot be shared (threads would race on the cell):
+/// ```compile_fail
+/// # use hmm_core::sync::{LockGuard, SpinLock};
+/// fn sync<T: Sync>() {}
+/// sync::<LockGuard<'static, SpinLock, core::cell::Cell<u64>>>();
+/// ```
+/// nor sent to another thread:
+/// ```compile_fail
+/// # use hmm_core::sync::{LockGuard, SpinLock};
+/// fn send<T: Send>() {}
+/// send::<LockGuard<'static, SpinLock, u64>>();
+/// ```
 pub struct LockGuard<'a, L: RawLock, T> {
     cell: &'a LockCell<L, T>,
+    /// Not `Send`, and `Sync` only through the impl below.
+    _not_send: PhantomData<*const ()>,
 }
+
+// SAFETY: `&LockGuard` gives only `&T` (through `Deref`), so sharing the guard
+// shares `T`: sound exactly when `T: Sync`.
+unsafe impl<L: RawLock, T: Sync> Sync for LockGuard<'_, L, T> {}
 
 impl<L: RawLock, T> Deref for LockGuard<'_, L, T> {
     type Target = T;

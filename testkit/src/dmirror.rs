@@ -222,9 +222,7 @@ where
     access(m, va, len, false, &mut |off, ptr, n| {
         // SAFETY: `ptr` points into a frame the device holds a live
         // translation for (checked against the CPU), valid for `n` bytes.
-        for (i, b) in out[off..off + n].iter_mut().enumerate() {
-            *b = unsafe { ptr.add(i).read_volatile() };
-        }
+        unsafe { bus_read(ptr, &mut out[off..off + n]) }
     })?;
     Ok(out)
 }
@@ -238,10 +236,64 @@ where
 {
     access(m, va, data.len(), true, &mut |off, ptr, n| {
         // SAFETY: as in `read`, with a writable translation.
-        for (i, b) in data[off..off + n].iter().enumerate() {
-            unsafe { ptr.add(i).write_volatile(*b) };
-        }
+        unsafe { bus_write(ptr, &data[off..off + n]) }
     })
+}
+
+/// The naturally aligned 8-byte word holding the byte at `ptr`, and the
+/// byte's offset in it.
+///
+/// # Safety
+/// The word must lie in simulated RAM (a frame the device maps).
+unsafe fn bus_word<'a>(ptr: *mut u8) -> (&'a AtomicU64, usize) {
+    let skip = ptr.addr() & 7;
+    // SAFETY: frames are 4 KiB aligned, so the aligned word holding `ptr`
+    // lies in the same frame; every word of simulated RAM is an `AtomicU64`
+    // (kernel and device touch it only atomically, as the bus does).
+    (unsafe { AtomicU64::from_ptr(ptr.wrapping_sub(skip).cast::<u64>()) }, skip)
+}
+
+/// Copies `out.len()` bytes from device-visible memory at `ptr` with 8-byte
+/// atomic bus reads. The device never reads RAM non-atomically: the kernel
+/// thread writes the same words atomically, and a non-atomic read would be a
+/// data race (and trips Miri's weak-memory emulation, which cannot follow a
+/// non-atomic read of atomically written memory: "cannot have empty store
+/// buffer when previous write was atomic").
+///
+/// # Safety
+/// `[ptr, ptr + out.len())` lies in one frame of simulated RAM.
+unsafe fn bus_read(ptr: *mut u8, out: &mut [u8]) {
+    let mut done = 0;
+    while done < out.len() {
+        // SAFETY: inside the frame, by the caller's contract.
+        let (word, skip) = unsafe { bus_word(ptr.wrapping_add(done)) };
+        let n = (8 - skip).min(out.len() - done);
+        let bytes = word.load(Ordering::Acquire).to_le_bytes();
+        out[done..done + n].copy_from_slice(&bytes[skip..skip + n]);
+        done += n;
+    }
+}
+
+/// Writes `data` to device-visible memory at `ptr` with 8-byte atomic bus
+/// writes (read-modify-write for partial words), for the reasons of
+/// [`bus_read`].
+///
+/// # Safety
+/// `[ptr, ptr + data.len())` lies in one frame of simulated RAM.
+unsafe fn bus_write(ptr: *mut u8, data: &[u8]) {
+    let mut done = 0;
+    while done < data.len() {
+        // SAFETY: inside the frame, by the caller's contract.
+        let (word, skip) = unsafe { bus_word(ptr.wrapping_add(done)) };
+        let n = (8 - skip).min(data.len() - done);
+        let merge = |cur: u64| {
+            let mut bytes = cur.to_le_bytes();
+            bytes[skip..skip + n].copy_from_slice(&data[done..done + n]);
+            Some(u64::from_le_bytes(bytes))
+        };
+        let _ = word.fetch_update(Ordering::AcqRel, Ordering::Relaxed, merge);
+        done += n;
+    }
 }
 
 /// SNAPSHOT: one byte per page of `range`, no faults taken.

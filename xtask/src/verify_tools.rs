@@ -139,6 +139,14 @@ pub fn miri(root: &Path, long: bool) -> Result<String, String> {
         let env = [("MIRIFLAGS", run.flags), ("CARGO_TARGET_DIR", target.as_str())];
         let out = run_captured(root, "cargo", &args, &env, MIRI_RUN_LIMIT)?;
         let counts = test_counts(&out.text);
+        if let Some(ice) = tool_crash(&out.text) {
+            return Err(format!(
+                "miri: the Miri interpreter itself crashed (an internal compiler error, a bug in the tool, not a \
+                 failing test) running {name} {}:\n  {ice}\n  Find the access pattern that triggers it; if it is \
+                 purely Miri's bug, run that test with a narrower MIRIFLAGS and a comment quoting this panic.",
+                run.args.join(" ")
+            ));
+        }
         if !out.success() || counts.failed > 0 || counts.results == 0 {
             let ub: Vec<&str> = out
                 .text
@@ -178,6 +186,20 @@ pub fn miri(root: &Path, long: bool) -> Result<String, String> {
         files.len(),
         started.elapsed().as_secs()
     ))
+}
+
+/// The panic message of a crash of the tool itself (rustc/Miri ICE), if the
+/// output shows one: "thread 'rustc' panicked at .../weak_memory.rs:233:26:"
+/// plus the message line after it.
+fn tool_crash(text: &str) -> Option<String> {
+    if !text.contains("the compiler unexpectedly panicked") && !text.contains("caused an ICE") {
+        return None;
+    }
+    let mut lines = text.lines();
+    Some(match lines.find(|l| l.starts_with("thread 'rustc'")) {
+        Some(at) => format!("{at} {}", lines.next().unwrap_or("").trim()),
+        None => "internal compiler error (no panic line in the output)".to_string(),
+    })
 }
 
 /// Fuzz targets, in the order they run.
@@ -418,6 +440,16 @@ fn fuzz_executions(text: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_miri_ice_is_named_as_a_tool_crash() {
+        let out = "test model_x ... \nthread 'rustc' (3679) panicked at src/tools/miri/src/concurrency/weak_memory.rs:233:26:\n\
+                   cannot have empty store buffer when previous write was atomic: ()\nstack backtrace:\n\
+                   error: the compiler unexpectedly panicked. This is a bug\n";
+        let ice = super::tool_crash(out).expect("an ICE");
+        assert!(ice.contains("weak_memory.rs:233") && ice.contains("cannot have empty store buffer"), "{ice}");
+        assert_eq!(super::tool_crash("test result: FAILED. 1 passed; 1 failed\nthread 'x' panicked at a.rs"), None);
+    }
+
     use super::*;
 
     #[test]
