@@ -154,22 +154,42 @@ fn ensure_qemu() -> Result<(), String> {
     if !running_as_root() {
         return Err(format!("{QEMU} not found; install it with: {manual}"));
     }
-    for args in [&["update"][..], &["install", "-y", "--no-install-recommends", QEMU_APT_PACKAGE][..]] {
-        eprintln!("xtask: {QEMU} not found, running: apt-get {}", args.join(" "));
-        let status = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .map_err(|e| format!("cannot run apt-get ({e}); install QEMU with: {manual}"))?;
-        if !status.success() {
-            return Err(format!("`apt-get {}` failed ({status}); install QEMU with: {manual}", args.join(" ")));
-        }
-    }
+    apt_get(&["update"], &manual)?;
+    // The machine's qemu-utils may be newer than the distribution's QEMU,
+    // which breaks it: installed alone, qemu-system-x86 makes apt remove
+    // qemu-utils (qemu-img) silently. Ask for the matching qemu-utils so
+    // qemu-img stays (at the QEMU release's version).
+    let utils = candidate_version(QEMU_APT_PACKAGE).map(|v| format!("qemu-utils={v}"));
+    let mut args = vec!["install", "-y", "--no-install-recommends", "--allow-downgrades", QEMU_APT_PACKAGE];
+    args.extend(utils.as_deref());
+    apt_get(&args, &manual)?;
     if qemu_runs() {
         Ok(())
     } else {
         Err(format!("{QEMU} still not runnable after installing {QEMU_APT_PACKAGE}"))
     }
+}
+
+/// The version apt would install of `package` ("Candidate:" of apt-cache policy).
+fn candidate_version(package: &str) -> Option<String> {
+    let out = Command::new("apt-cache").args(["policy", package]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.lines().find_map(|l| l.trim().strip_prefix("Candidate:"))?.trim().to_string();
+    (v != "(none)" && !v.is_empty()).then_some(v)
+}
+
+/// Runs `apt-get args` non-interactively.
+fn apt_get(args: &[&str], manual: &str) -> Result<(), String> {
+    eprintln!("xtask: {QEMU} not found, running: apt-get {}", args.join(" "));
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map_err(|e| format!("cannot run apt-get ({e}); install QEMU with: {manual}"))?;
+    if !status.success() {
+        return Err(format!("`apt-get {}` failed ({status}); install QEMU with: {manual}", args.join(" ")));
+    }
+    Ok(())
 }
 
 /// Whether `qemu-system-x86_64 --version` runs successfully.

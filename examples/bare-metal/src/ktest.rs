@@ -429,8 +429,9 @@ fn process_invalidation_brackets_every_change(_: &Machine) -> TestResult {
         violations: AtomicU64::new(0),
         last_event: SpinLock::new(None),
     };
-    // SAFETY: `probe` stays in place until `remove` below, before it drops.
-    ok!(unsafe { p.notifiers().insert(&probe) });
+    // SAFETY: `probe` stays in place until `registration.remove()` below,
+    // before it drops.
+    let registration = ok!(unsafe { p.notifiers().insert(&probe) });
     let result = (|| -> TestResult {
         let a = span(0, 1);
         ok!(p.mmap_populate(a, rw(), &mut |va, words| words
@@ -467,7 +468,7 @@ fn process_invalidation_brackets_every_change(_: &Machine) -> TestResult {
         ensure_eq!(probe.violations.load(Ordering::Relaxed), 0);
         Ok(Outcome::Passed)
     })();
-    ok!(p.notifiers().remove(&probe));
+    registration.remove();
     result
 }
 
