@@ -102,6 +102,9 @@ fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+/// A registration in the notifier registry of `S`.
+type SpaceRegistration<'s, S> = Registration<'s, <S as AddressSpace>::Store, <S as AddressSpace>::Wait>;
+
 /// Geometry of the CPU tables of `S`.
 type CpuGeometry<S> = <<S as AddressSpace>::Format as PteFormat>::Geometry;
 
@@ -125,7 +128,7 @@ where
     // INVARIANT: `Some` exactly while the mirror is registered (or pending
     // registration); only the mirror itself holds it, so nothing else can
     // take the mirror out of the registry without emptying it first.
-    registration: LockCell<L, Option<Registration<'s, S::Store, S::Wait>>>,
+    registration: LockCell<L, Option<SpaceRegistration<'s, S>>>,
     // INVARIANT: `None` once unregistered; every device translation is backed
     // by a valid entry of this table.
     table: LockCell<L, Option<MirrorTable<G>>>,
