@@ -1,4 +1,4 @@
-//! Arbitrary sequences of kernel and device operations over the model kernel
+//! Sequences of kernel and device operations (four input bytes each) over the model kernel
 //! (hmm-testkit) and up to two `Mirror`s of it, with arbitrary (often
 //! invalid) ranges, flags, lengths and write bits, and injected allocation
 //! failures.
@@ -32,13 +32,16 @@ const WIN_PAGES: u64 = 1024;
 /// out small frames from the top down): huge allocations also fail and fall
 /// back, and running out of memory is common.
 const RAM: u64 = (2 << 20) + (512 << 10);
+/// Small spans and accesses land in the first pages of the window, so that
+/// operations overlap often.
+const HOT_PAGES: u64 = 64;
 /// Longest device or CPU access, in bytes.
 const MAX_ACCESS: u64 = 3 * PAGE;
 
 type Dev = DummyDevice<SimPhys>;
 type DevMirror<'s> = Mirror<'s, ModelSpace, Dev, CountingAllocator>;
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Kind {
     PrivateAnon,
     Thp,
@@ -50,9 +53,9 @@ enum Kind {
     Io,
 }
 
-/// Pages of the window: `page % WIN_PAGES`, `1 + pages % 64` long, or the
-/// whole 2 MiB-aligned half when `huge`.
-#[derive(Arbitrary, Debug, Clone, Copy)]
+/// Pages of the window: `page % HOT_PAGES`, `1 + pages % 16` long, or one
+/// whole 2 MiB-aligned half of the window when `huge`.
+#[derive(Debug, Clone, Copy)]
 struct Span {
     page: u16,
     pages: u16,
@@ -65,8 +68,8 @@ impl Span {
             let half = (self.page as u64 % 2) * 512;
             (WIN + half * PAGE, 512 * PAGE)
         } else {
-            let page = self.page as u64 % WIN_PAGES;
-            let pages = (1 + self.pages as u64 % 64).min(WIN_PAGES - page);
+            let page = self.page as u64 % HOT_PAGES;
+            let pages = 1 + self.pages as u64 % 16;
             (WIN + page * PAGE, pages * PAGE)
         }
     }
@@ -78,7 +81,7 @@ impl Span {
 }
 
 /// Either a window span or raw values (usually invalid, sometimes 5-level).
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum AnyRange {
     Span(Span),
     Raw { start: u64, len: u64, five_level: bool },
@@ -94,7 +97,7 @@ impl AnyRange {
     }
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Ev {
     Unmap,
     Clear,
@@ -119,7 +122,7 @@ impl Ev {
     }
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Op {
     Map { span: Span, flags: u8, kind: Kind },
     MapRaw { start: u64, len: u64, flags: u8, kind: Kind },
@@ -146,9 +149,129 @@ enum Op {
     Release,
 }
 
-#[derive(Arbitrary, Debug)]
+/// The input: four bytes per operation (`[code, a, b, c]`, see [`decode`]).
+///
+/// A compact encoding rather than `#[derive(Arbitrary)]` on [`Op`]: derived
+/// enums take 4 bytes for the variant and many more for the fields, so the
+/// handful of operations that together expose a coherence bug (map a page,
+/// fault it into a mirror, unmap or protect it) were seldom generated in a
+/// row. Here every operation is 4 bytes, the common ones own several codes,
+/// and spans land in the hot pages; raw (mostly invalid) values still come
+/// from a table of interesting ones.
+#[derive(Debug)]
 struct Input {
     ops: Vec<Op>,
+}
+
+impl<'a> Arbitrary<'a> for Input {
+    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+        let mut ops = Vec::new();
+        // `Unstructured` pads an exhausted input with zeros: stop at its end.
+        while u.len() >= 4 {
+            ops.push(decode(<[u8; 4]>::arbitrary(u)?));
+        }
+        Ok(Input { ops })
+    }
+}
+
+/// Addresses and lengths for raw ranges: edges, holes and non-canonical ones.
+const RAW: [u64; 16] = [
+    0,
+    PAGE,
+    WIN,
+    WIN + PAGE + 1,
+    WIN + 8 * PAGE,
+    1 << 47,
+    (1 << 47) - PAGE,
+    0xffff_8000_0000_0000,
+    0xffff_ffff_ffff_f000,
+    0x0000_8000_0000_0000 | PAGE,
+    u64::MAX,
+    1 << 56,
+    2 << 20,
+    1 << 30,
+    3,
+    64 * PAGE,
+];
+
+fn span(a: u8, b: u8, huge: bool) -> Span {
+    Span { page: a as u16, pages: b as u16, huge }
+}
+
+fn any_range(code: u8, a: u8, b: u8) -> AnyRange {
+    // One range in eight is raw, the rest hot spans (one in sixteen huge).
+    if code & 7 == 7 {
+        AnyRange::Raw { start: RAW[(a & 15) as usize], len: RAW[(b & 15) as usize], five_level: a & 16 != 0 }
+    } else {
+        AnyRange::Span(span(a, b, code & 15 == 14))
+    }
+}
+
+/// Turns four input bytes into one operation. Codes are taken modulo 64;
+/// frequent operations own several codes.
+fn decode([code, a, b, c]: [u8; 4]) -> Op {
+    let kind = |k: u8| match k % 12 {
+        0..=3 => Kind::PrivateAnon,
+        4 => Kind::Thp,
+        5 => Kind::HugeTlb2M,
+        6 => Kind::SharedAnon,
+        7 => Kind::SharedFile { offset_pages: k / 12 },
+        8 => Kind::MixedMap,
+        9 => Kind::Io,
+        10 => Kind::HugeTlb1G,
+        _ => Kind::PrivateAnon,
+    };
+    // READ | WRITE three times in four, else any permission bits.
+    let perm = |x: u8| if x & 3 != 0 { 0b011 } else { x >> 2 };
+    let ev = |x: u8| match x % 8 {
+        0 => Ev::Unmap,
+        1 => Ev::Clear,
+        2 => Ev::ProtectionVma,
+        3 => Ev::ProtectionPage,
+        4 => Ev::SoftDirty,
+        5 => Ev::Migrate((x >> 3) as u16),
+        6 => Ev::Exclusive((x >> 3) as u16),
+        _ => Ev::Clear,
+    };
+    let mirror = c & 0x80 != 0;
+    match code % 64 {
+        0..=7 => Op::Map { span: span(a, b, c & 0x40 != 0 && c & 0x20 != 0), flags: perm(c), kind: kind(c >> 2) },
+        8..=11 => Op::Unmap(any_range(c, a, b)),
+        12..=14 => Op::Protect { range: any_range(c, a, b), flags: perm(c >> 3) },
+        15..=17 => Op::Clear(any_range(c, a, b)),
+        18 | 19 => Op::Fork,
+        20 => Op::DropChild,
+        21..=24 => Op::CpuWrite { page: a as u16, offset: b as u16 * 17, len: c as u16 * 13, byte: a ^ c, child: c & 1 != 0 },
+        25 | 26 => Op::CpuRead { page: a as u16, offset: b as u16 * 17, len: c as u16 * 13, child: c & 1 != 0 },
+        27..=34 => Op::DeviceFault { mirror, range: any_range(c, a, b), write: c & 1 != 0 },
+        35..=39 => Op::DeviceRead { mirror, page: a as u16, offset: b as u16 * 17, len: c as u16 * 13 },
+        40..=42 => Op::DeviceWrite { mirror, page: a as u16, offset: b as u16 * 17, len: c as u16 * 13, byte: a ^ b },
+        43 | 44 => Op::Snapshot { mirror, range: any_range(c, a, b), extra: (c & 3) as i8 - 1 },
+        45 | 46 => Op::Register {
+            mirror,
+            whole_space: c & 1 != 0,
+            sub: span(a, b, c & 2 != 0),
+            owner: (c & 4 != 0).then_some(c >> 3),
+            max_retries: a,
+        },
+        47 => Op::Unregister { mirror },
+        48 => Op::DropMirror { mirror },
+        49..=52 => Op::Invalidate { range: any_range(c, a, b), event: ev(c >> 1), blockable: c & 1 != 0 },
+        53 => Op::FailAt(a),
+        54 => Op::FailAfter(a),
+        55 => Op::FailHuge(a & 1 != 0),
+        56 => Op::ClearFailures,
+        57 => Op::DeviceFailUpdate { mirror, k: a },
+        58 | 59 => Op::MapRaw {
+            start: RAW[(a & 15) as usize],
+            len: RAW[(b & 15) as usize],
+            flags: perm(c),
+            kind: kind(c >> 2),
+        },
+        // Tearing the space down ends most of the run: keep it rare.
+        60 if a == 0xff && b == 0xff => Op::Release,
+        _ => Op::DeviceRead { mirror, page: a as u16, offset: 0, len: c as u16 },
+    }
 }
 
 fn flags(bits: u8) -> RegionFlags {
@@ -170,10 +293,10 @@ fn region_kind(kind: Kind, file: &Arc<SimFile>) -> RegionKind {
     }
 }
 
-/// `(va, len)` of an access inside the window (the last one may run a little
-/// past it, into unmapped space).
+/// `(va, len)` of an access in the hot pages of the window (it may run a
+/// little past them).
 fn access(page: u16, offset: u16, len: u16) -> (u64, usize) {
-    let va = WIN + (page as u64 % WIN_PAGES) * PAGE + offset as u64 % PAGE;
+    let va = WIN + (page as u64 % HOT_PAGES) * PAGE + offset as u64 % PAGE;
     (va, (len as u64 % MAX_ACCESS) as usize + 1)
 }
 
@@ -212,6 +335,13 @@ fuzz_target!(|input: Input| {
     let file = SimFile::new(&alloc, 64);
     let mut child: Option<ModelSpace> = None;
     let mut mirrors: [Option<Pin<Box<DevMirror<'_>>>>; 2] = [None, None];
+    // Start with one registered mirror of the window (operations may drop it).
+    let window = VaRange::new::<X86_64Level4>(WIN, WIN_PAGES * PAGE).unwrap();
+    if let Ok(m) = Mirror::new(&space, &*alloc, device(&space), window, MirrorConfig::default()) {
+        let m = Box::pin(m);
+        m.as_ref().register().expect("first registration");
+        mirrors[0] = Some(m);
+    }
     for op in input.ops.iter().take(64) {
         match *op {
             Op::Map { span, flags: f, kind } => {
