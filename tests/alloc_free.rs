@@ -271,32 +271,34 @@ fn invalidations_and_mirror_callbacks_never_allocate() {
 
 #[test]
 fn refused_non_blockable_invalidation_never_allocates() {
-    let (alloc, space, regions) = populated();
-    let reg = space.notifiers();
-    {
-        let m = pin!(quiet(&space, &alloc, user(), None));
-        m.as_ref().register().unwrap();
-        fault_all(&m, &regions, true);
-        let m = &*m;
-        std::thread::scope(|s| {
-            m.device().hold.store(true, Ordering::Release);
-            let t = s.spawn(|| m.fault(regions[0], true));
-            // The fault now holds the mirror's update lock inside `update`.
-            while !m.device().holding.load(Ordering::Acquire) {
-                std::hint::spin_loop();
-            }
-            let seq = reg.seq();
-            let (r, ops) = forbidden(|| reg.invalidate_range_start(regions[1], Event::Unmap, false).map(|_| ()));
-            assert_eq!(r, Err(Error::WouldBlock));
-            assert_eq!(ops, 0, "refusal path: {ops} heap operations");
-            assert!(reg.seq() > seq && reg.seq() % 2 == 0, "the refused invalidation ended itself");
-            m.device().hold.store(false, Ordering::Release);
-            t.join().unwrap().unwrap();
-        });
-        assert_eq!(reg.len(), 1);
-    }
-    drop(space);
-    assert_eq!(alloc.live(), 0);
+    watchdog::bounded("a fault held inside its device update, and its release", watchdog::BOUND, || {
+        let (alloc, space, regions) = populated();
+        let reg = space.notifiers();
+        {
+            let m = pin!(quiet(&space, &alloc, user(), None));
+            m.as_ref().register().unwrap();
+            fault_all(&m, &regions, true);
+            let m = &*m;
+            std::thread::scope(|s| {
+                m.device().hold.store(true, Ordering::Release);
+                let t = s.spawn(|| m.fault(regions[0], true));
+                // The fault now holds the mirror's update lock inside `update`.
+                while !m.device().holding.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                let seq = reg.seq();
+                let (r, ops) = forbidden(|| reg.invalidate_range_start(regions[1], Event::Unmap, false).map(|_| ()));
+                assert_eq!(r, Err(Error::WouldBlock));
+                assert_eq!(ops, 0, "refusal path: {ops} heap operations");
+                assert!(reg.seq() > seq && reg.seq() % 2 == 0, "the refused invalidation ended itself");
+                m.device().hold.store(false, Ordering::Release);
+                t.join().unwrap().unwrap();
+            });
+            assert_eq!(reg.len(), 1);
+        }
+        drop(space);
+        assert_eq!(alloc.live(), 0);
+    });
 }
 
 /// A removal postponed by a running invalidation is applied by that
@@ -305,38 +307,40 @@ fn refused_non_blockable_invalidation_never_allocates() {
 /// unmap cannot leave a stale entry behind.
 #[test]
 fn removal_postponed_by_an_invalidation() {
-    let (alloc, space, regions) = populated();
-    let reg = space.notifiers();
-    {
-        let m = pin!(quiet(&space, &alloc, user(), None));
-        m.as_ref().register().unwrap();
-        fault_all(&m, &regions, true);
-        let m = &*m;
-        let (inv, ops) = forbidden(|| reg.invalidate_range_start(regions[0], Event::Clear, true).unwrap());
-        assert_eq!(ops, 0);
-        let removed = std::thread::scope(|s| {
-            let t = s.spawn(|| m.unregister());
-            // Give the remove time to find the invalidation running and
-            // postpone itself (if it comes later, it simply removes).
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            let ((), ops) = forbidden(|| reg.invalidate_range_end(inv));
-            assert_eq!(ops, 0, "end applying a postponed removal: {ops} heap operations");
-            t.join().unwrap()
-        });
-        assert_eq!(reg.len(), 0);
-        // Whatever unregister said, the mirror must be dead now.
-        let late = m.fault(regions[0], true);
-        space.unmap(regions[0]).unwrap();
-        let stale = mirrored(m, regions[0]);
-        let registered = hmm_core::Notifier::interval(m).is_registered();
-        assert_eq!(
-            (removed, registered, late, stale, m.table_frames()),
-            (Ok(()), false, Err(Error::Unregistered), 0, 0),
-            "(unregister, still marked registered, a later fault, entries left after an unmap, table frames)"
-        );
-    }
-    drop(space);
-    assert_eq!(alloc.live(), 0);
+    watchdog::bounded("an unregister postponed by a running invalidation", watchdog::BOUND, || {
+        let (alloc, space, regions) = populated();
+        let reg = space.notifiers();
+        {
+            let m = pin!(quiet(&space, &alloc, user(), None));
+            m.as_ref().register().unwrap();
+            fault_all(&m, &regions, true);
+            let m = &*m;
+            let (inv, ops) = forbidden(|| reg.invalidate_range_start(regions[0], Event::Clear, true).unwrap());
+            assert_eq!(ops, 0);
+            let removed = std::thread::scope(|s| {
+                let t = s.spawn(|| m.unregister());
+                // Give the remove time to find the invalidation running and
+                // postpone itself (if it comes later, it simply removes).
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let ((), ops) = forbidden(|| reg.invalidate_range_end(inv));
+                assert_eq!(ops, 0, "end applying a postponed removal: {ops} heap operations");
+                t.join().unwrap()
+            });
+            assert_eq!(reg.len(), 0);
+            // Whatever unregister said, the mirror must be dead now.
+            let late = m.fault(regions[0], true);
+            space.unmap(regions[0]).unwrap();
+            let stale = mirrored(m, regions[0]);
+            let registered = hmm_core::Notifier::interval(m).is_registered();
+            assert_eq!(
+                (removed, registered, late, stale, m.table_frames()),
+                (Ok(()), false, Err(Error::Unregistered), 0, 0),
+                "(unregister, still marked registered, a later fault, entries left after an unmap, table frames)"
+            );
+        }
+        drop(space);
+        assert_eq!(alloc.live(), 0);
+    });
 }
 
 /// `invalidate_range_end` applies postponed inserts. With the `VecStore` the
@@ -385,88 +389,90 @@ fn applying_a_deferred_insert_never_allocates() {
 /// collision on every attempt).
 #[test]
 fn adversarial_invalidator_bounded_by_the_retry_budget() {
-    let (alloc, space) = kernel(16 * MIB);
-    let buf = space.map(ANON, 32 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
-    let budgets = [0u32, 1, 4, 16, 64];
-    let reg = space.notifiers();
-    let mut report = Vec::new();
-    {
-        let mirrors: Vec<_> = budgets
-            .iter()
-            .map(|&b| {
-                let config = MirrorConfig { max_retries: b, ..MirrorConfig::default() };
-                Box::pin(Mirror::new(&space, &*alloc, QuietDevice::default(), user(), config).unwrap())
-            })
-            .collect();
-        for m in &mirrors {
-            m.as_ref().register().unwrap();
-        }
-        let stop = AtomicBool::new(false);
-        let storms = AtomicU64::new(0);
-        std::thread::scope(|s| {
-            let invalidator = s.spawn(|| {
-                let mut heap = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let (inv, ops) = forbidden(|| reg.invalidate_range_start(buf, Event::Clear, true).unwrap());
-                    let t0 = std::time::Instant::now();
-                    while t0.elapsed() < std::time::Duration::from_micros(20) {
-                        std::hint::spin_loop();
+    watchdog::bounded("faults against a back-to-back invalidator", watchdog::BOUND, || {
+        let (alloc, space) = kernel(16 * MIB);
+        let buf = space.map(ANON, 32 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
+        let budgets = [0u32, 1, 4, 16, 64];
+        let reg = space.notifiers();
+        let mut report = Vec::new();
+        {
+            let mirrors: Vec<_> = budgets
+                .iter()
+                .map(|&b| {
+                    let config = MirrorConfig { max_retries: b, ..MirrorConfig::default() };
+                    Box::pin(Mirror::new(&space, &*alloc, QuietDevice::default(), user(), config).unwrap())
+                })
+                .collect();
+            for m in &mirrors {
+                m.as_ref().register().unwrap();
+            }
+            let stop = AtomicBool::new(false);
+            let storms = AtomicU64::new(0);
+            std::thread::scope(|s| {
+                let invalidator = s.spawn(|| {
+                    let mut heap = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let (inv, ops) = forbidden(|| reg.invalidate_range_start(buf, Event::Clear, true).unwrap());
+                        let t0 = std::time::Instant::now();
+                        while t0.elapsed() < std::time::Duration::from_micros(20) {
+                            std::hint::spin_loop();
+                        }
+                        let ((), ops2) = forbidden(|| reg.invalidate_range_end(inv));
+                        heap += ops + ops2;
+                        storms.fetch_add(1, Ordering::Relaxed);
                     }
-                    let ((), ops2) = forbidden(|| reg.invalidate_range_end(inv));
-                    heap += ops + ops2;
-                    storms.fetch_add(1, Ordering::Relaxed);
+                    heap
+                });
+                while storms.load(Ordering::Relaxed) < 10 {
+                    std::thread::yield_now();
                 }
-                heap
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+                for (m, &budget) in mirrors.iter().zip(&budgets) {
+                    let (mut worst, mut busy, mut ok) = (0, 0, 0);
+                    let mut round = 0;
+                    // At least 100 faults; with a budget of 0, go on (for at
+                    // most a few seconds) until one collided.
+                    while round < 100 || (budget == 0 && busy == 0 && std::time::Instant::now() < deadline) {
+                        let before = m.stats().retries;
+                        let r = m.fault(buf, round % 2 == 0);
+                        let took = m.stats().retries - before;
+                        worst = worst.max(took);
+                        match r {
+                            Ok(()) => {
+                                // Retries the fault's own progress caused (COW breaks
+                                // invalidate the mirror too) are free, one per page.
+                                assert!(took <= budget as u64 + 32, "budget {budget}: Ok after {took} retries");
+                                ok += 1;
+                            }
+                            Err(Error::Busy) => {
+                                assert!(
+                                    (budget as u64 + 1..=budget as u64 + 33).contains(&took),
+                                    "budget {budget}: Busy after {took} retries"
+                                );
+                                busy += 1;
+                            }
+                            Err(e) => panic!("budget {budget}: unexpected {e:?}"),
+                        }
+                        round += 1;
+                    }
+                    report.push((budget, worst, ok, busy));
+                }
+                stop.store(true, Ordering::Relaxed);
+                let heap = invalidator.join().unwrap();
+                assert_eq!(heap, 0, "the invalidator's start/end made {heap} heap operations");
             });
-            while storms.load(Ordering::Relaxed) < 10 {
-                std::thread::yield_now();
+            for m in &mirrors {
+                m.fault(buf, true).unwrap();
+                assert_eq!(mirrored(m, buf), 32, "once the invalidator stopped the fault succeeds");
             }
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-            for (m, &budget) in mirrors.iter().zip(&budgets) {
-                let (mut worst, mut busy, mut ok) = (0, 0, 0);
-                let mut round = 0;
-                // At least 100 faults; with a budget of 0, go on (for at
-                // most a few seconds) until one collided.
-                while round < 100 || (budget == 0 && busy == 0 && std::time::Instant::now() < deadline) {
-                    let before = m.stats().retries;
-                    let r = m.fault(buf, round % 2 == 0);
-                    let took = m.stats().retries - before;
-                    worst = worst.max(took);
-                    match r {
-                        Ok(()) => {
-                            // Retries the fault's own progress caused (COW breaks
-                            // invalidate the mirror too) are free, one per page.
-                            assert!(took <= budget as u64 + 32, "budget {budget}: Ok after {took} retries");
-                            ok += 1;
-                        }
-                        Err(Error::Busy) => {
-                            assert!(
-                                (budget as u64 + 1..=budget as u64 + 33).contains(&took),
-                                "budget {budget}: Busy after {took} retries"
-                            );
-                            busy += 1;
-                        }
-                        Err(e) => panic!("budget {budget}: unexpected {e:?}"),
-                    }
-                    round += 1;
-                }
-                report.push((budget, worst, ok, busy));
-            }
-            stop.store(true, Ordering::Relaxed);
-            let heap = invalidator.join().unwrap();
-            assert_eq!(heap, 0, "the invalidator's start/end made {heap} heap operations");
-        });
-        for m in &mirrors {
-            m.fault(buf, true).unwrap();
-            assert_eq!(mirrored(m, buf), 32, "once the invalidator stopped the fault succeeds");
+            println!("invalidations by the adversary: {}", storms.load(Ordering::Relaxed));
         }
-        println!("invalidations by the adversary: {}", storms.load(Ordering::Relaxed));
-    }
-    for (budget, worst, ok, busy) in &report {
-        println!("max_retries {budget:>2}: worst retries seen {worst:>2}, {ok} ok, {busy} busy");
-    }
-    drop(space);
-    assert_eq!(alloc.live(), 0);
+        for (budget, worst, ok, busy) in &report {
+            println!("max_retries {budget:>2}: worst retries seen {worst:>2}, {ok} ok, {busy} busy");
+        }
+        drop(space);
+        assert_eq!(alloc.live(), 0);
+    });
 }
 
 /// The model kernel, with every `read_lock` (one per attempt of a fault's
@@ -531,62 +537,64 @@ unsafe impl<'a> AddressSpace for Lockstep<'a> {
 /// 0 to 64, and succeeds at once when the invalidator stops.
 #[test]
 fn lockstep_invalidator_exhausts_every_budget_exactly() {
-    let (alloc, space) = kernel(16 * MIB);
-    let buf = space.map(ANON, 32 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
-    let ls = Lockstep {
-        inner: &space,
-        armed: AtomicBool::new(false),
-        requested: AtomicU64::new(0),
-        served: AtomicU64::new(0),
-    };
-    let reg = space.notifiers();
-    let stop = AtomicBool::new(false);
-    let mut worst = 0;
-    {
-        std::thread::scope(|s| {
-            let invalidator = s.spawn(|| {
-                let mut heap = 0;
-                loop {
-                    let served = ls.served.load(Ordering::Acquire);
-                    if ls.requested.load(Ordering::Acquire) == served {
-                        if stop.load(Ordering::Acquire) {
-                            return heap;
+    watchdog::bounded("faults against a lockstep invalidator", watchdog::BOUND, || {
+        let (alloc, space) = kernel(16 * MIB);
+        let buf = space.map(ANON, 32 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
+        let ls = Lockstep {
+            inner: &space,
+            armed: AtomicBool::new(false),
+            requested: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+        };
+        let reg = space.notifiers();
+        let stop = AtomicBool::new(false);
+        let mut worst = 0;
+        {
+            std::thread::scope(|s| {
+                let invalidator = s.spawn(|| {
+                    let mut heap = 0;
+                    loop {
+                        let served = ls.served.load(Ordering::Acquire);
+                        if ls.requested.load(Ordering::Acquire) == served {
+                            if stop.load(Ordering::Acquire) {
+                                return heap;
+                            }
+                            std::hint::spin_loop();
+                            continue;
                         }
-                        std::hint::spin_loop();
-                        continue;
+                        let (inv, ops) = forbidden(|| reg.invalidate_range_start(buf, Event::Clear, true).unwrap());
+                        ls.served.store(served + 1, Ordering::Release);
+                        let ((), ops2) = forbidden(|| reg.invalidate_range_end(inv));
+                        heap += ops + ops2;
                     }
-                    let (inv, ops) = forbidden(|| reg.invalidate_range_start(buf, Event::Clear, true).unwrap());
-                    ls.served.store(served + 1, Ordering::Release);
-                    let ((), ops2) = forbidden(|| reg.invalidate_range_end(inv));
-                    heap += ops + ops2;
-                }
-            });
-            for budget in [0u32, 1, 4, 16, 64] {
-                let config = MirrorConfig { max_retries: budget, ..MirrorConfig::default() };
-                let m = pin!(Mirror::new(&ls, &*alloc, QuietDevice::default(), user(), config).unwrap());
-                m.as_ref().register().unwrap();
-                ls.armed.store(true, Ordering::Release);
-                for write in [false, true] {
+                });
+                for budget in [0u32, 1, 4, 16, 64] {
+                    let config = MirrorConfig { max_retries: budget, ..MirrorConfig::default() };
+                    let m = pin!(Mirror::new(&ls, &*alloc, QuietDevice::default(), user(), config).unwrap());
+                    m.as_ref().register().unwrap();
+                    ls.armed.store(true, Ordering::Release);
+                    for write in [false, true] {
+                        let before = m.stats().retries;
+                        assert_eq!(m.fault(buf, write), Err(Error::Busy), "budget {budget}");
+                        let took = m.stats().retries - before;
+                        assert_eq!(took, budget as u64 + 1, "budget {budget}: retries before Busy");
+                        worst = worst.max(took);
+                        assert_eq!(m.translate(buf.start()), None, "nothing committed");
+                    }
+                    ls.armed.store(false, Ordering::Release);
                     let before = m.stats().retries;
-                    assert_eq!(m.fault(buf, write), Err(Error::Busy), "budget {budget}");
-                    let took = m.stats().retries - before;
-                    assert_eq!(took, budget as u64 + 1, "budget {budget}: retries before Busy");
-                    worst = worst.max(took);
-                    assert_eq!(m.translate(buf.start()), None, "nothing committed");
+                    m.fault(buf, true).unwrap();
+                    assert_eq!(m.stats().retries, before, "no invalidation, no retry");
+                    assert!(m.translate(buf.last() & !(PAGE - 1)).is_some());
                 }
-                ls.armed.store(false, Ordering::Release);
-                let before = m.stats().retries;
-                m.fault(buf, true).unwrap();
-                assert_eq!(m.stats().retries, before, "no invalidation, no retry");
-                assert!(m.translate(buf.last() & !(PAGE - 1)).is_some());
-            }
-            stop.store(true, Ordering::Release);
-            assert_eq!(invalidator.join().unwrap(), 0, "the invalidator's start/end touched the heap");
-        });
-    }
-    println!("lockstep invalidator: worst retries seen {worst} (budget 64 + 1)");
-    drop(space);
-    assert_eq!(alloc.live(), 0);
+                stop.store(true, Ordering::Release);
+                assert_eq!(invalidator.join().unwrap(), 0, "the invalidator's start/end touched the heap");
+            });
+        }
+        println!("lockstep invalidator: worst retries seen {worst} (budget 64 + 1)");
+        drop(space);
+        assert_eq!(alloc.live(), 0);
+    });
 }
 
 /// With nobody else touching the address space, a device write fault over

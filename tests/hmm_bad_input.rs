@@ -214,38 +214,40 @@ fn device_update_failure() {
 
 #[test]
 fn non_blockable_invalidation_refused_while_a_fault_commits() {
-    let (alloc, space) = kernel(16 * MIB);
-    space.map(BUF, 4 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
-    {
-        let m = pin!(mirror(&space, &alloc));
-        m.as_ref().register().unwrap();
-        let seq = space.notifiers().seq();
-        let (in_update, stalled) = std::sync::mpsc::channel();
-        let (release, go) = std::sync::mpsc::channel::<()>();
-        let go = std::sync::Mutex::new(go);
-        m.device().on_update(Some(Box::new(move || {
-            in_update.send(()).unwrap();
-            go.lock().unwrap().recv().unwrap();
-        })));
-        let m = &*m;
-        std::thread::scope(|s| {
-            let fault = s.spawn(|| m.fault(range(BUF, 4 * PAGE), false));
-            // The fault now holds the update lock inside the device update.
-            stalled.recv().unwrap();
-            let r = space.notifiers().invalidate_range_start(range(BUF, PAGE), hmm_core::Event::Unmap, false);
-            assert_eq!(r.err(), Some(Error::WouldBlock), "a callback that would wait refuses");
-            assert_eq!(space.notifiers().seq() % 2, 0, "refused invalidation ended itself");
-            // A blockable one waits for the commit and then tears down.
-            release.send(()).unwrap();
-            fault.join().unwrap().unwrap();
-        });
-        m.device().on_update(None);
-        assert!(space.notifiers().seq() > seq);
-        let inv = space.notifiers().invalidate_range_start(range(BUF, PAGE), hmm_core::Event::Unmap, true).unwrap();
-        space.notifiers().invalidate_range_end(inv);
-        assert_eq!(m.translate(BUF), None);
-        assert!(m.translate(BUF + PAGE).is_some());
-    }
-    drop(space);
-    assert_eq!(alloc.live(), 0);
+    watchdog::bounded("a fault stalled in its device update, and its release", watchdog::BOUND, || {
+        let (alloc, space) = kernel(16 * MIB);
+        space.map(BUF, 4 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
+        {
+            let m = pin!(mirror(&space, &alloc));
+            m.as_ref().register().unwrap();
+            let seq = space.notifiers().seq();
+            let (in_update, stalled) = std::sync::mpsc::channel();
+            let (release, go) = std::sync::mpsc::channel::<()>();
+            let go = std::sync::Mutex::new(go);
+            m.device().on_update(Some(Box::new(move || {
+                in_update.send(()).unwrap();
+                go.lock().unwrap().recv().unwrap();
+            })));
+            let m = &*m;
+            std::thread::scope(|s| {
+                let fault = s.spawn(|| m.fault(range(BUF, 4 * PAGE), false));
+                // The fault now holds the update lock inside the device update.
+                stalled.recv().unwrap();
+                let r = space.notifiers().invalidate_range_start(range(BUF, PAGE), hmm_core::Event::Unmap, false);
+                assert_eq!(r.err(), Some(Error::WouldBlock), "a callback that would wait refuses");
+                assert_eq!(space.notifiers().seq() % 2, 0, "refused invalidation ended itself");
+                // A blockable one waits for the commit and then tears down.
+                release.send(()).unwrap();
+                fault.join().unwrap().unwrap();
+            });
+            m.device().on_update(None);
+            assert!(space.notifiers().seq() > seq);
+            let inv = space.notifiers().invalidate_range_start(range(BUF, PAGE), hmm_core::Event::Unmap, true).unwrap();
+            space.notifiers().invalidate_range_end(inv);
+            assert_eq!(m.translate(BUF), None);
+            assert!(m.translate(BUF + PAGE).is_some());
+        }
+        drop(space);
+        assert_eq!(alloc.live(), 0);
+    });
 }

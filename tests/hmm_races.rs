@@ -180,48 +180,50 @@ fn actions() -> Vec<NamedAction> {
 #[test]
 fn fault_racing_invalidation_never_installs_a_stale_frame() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    for step in [Step::Before, Step::During, Step::After] {
-        for (name, make) in actions() {
-            for write in [false, true] {
-                let (alloc, space) = kernel(64 * MIB);
-                space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
-                space.write_bytes(BUF, &pattern(LEN as usize, 1)).unwrap();
-                {
-                    let inj = Injecting::new(&space, step, Some(make()));
-                    let m: InjMirror<'_> =
-                        Mirror::new(&inj, &*alloc, device(&space), user(), MirrorConfig::default()).unwrap();
-                    let m = pin!(m);
-                    m.as_ref().register().unwrap();
-                    let r = m.fault(range(BUF, LEN), write);
-                    join_pending();
-                    assert!(
-                        matches!(r, Ok(()) | Err(Error::Fault | Error::Perm)),
-                        "{step:?}/{name}/write={write}: unexpected {r:?}"
-                    );
-                    assert_coherent(&m, &space, range(BUF, LEN));
-                    // The device only ever reads what the CPU maps now.
-                    let cpu = {
-                        let mut b = vec![0u8; PAGE as usize];
-                        space.read_bytes(BUF, &mut b).map(|_| b)
-                    };
-                    if let Ok(cpu) = cpu {
-                        if let Ok(dev) = dmirror::read(&m, BUF, PAGE as usize) {
-                            assert_eq!(dev, cpu, "{step:?}/{name}: device and CPU disagree");
+    watchdog::bounded("a fault racing an injected kernel change", watchdog::BOUND, || {
+        for step in [Step::Before, Step::During, Step::After] {
+            for (name, make) in actions() {
+                for write in [false, true] {
+                    let (alloc, space) = kernel(64 * MIB);
+                    space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
+                    space.write_bytes(BUF, &pattern(LEN as usize, 1)).unwrap();
+                    {
+                        let inj = Injecting::new(&space, step, Some(make()));
+                        let m: InjMirror<'_> =
+                            Mirror::new(&inj, &*alloc, device(&space), user(), MirrorConfig::default()).unwrap();
+                        let m = pin!(m);
+                        m.as_ref().register().unwrap();
+                        let r = m.fault(range(BUF, LEN), write);
+                        join_pending();
+                        assert!(
+                            matches!(r, Ok(()) | Err(Error::Fault | Error::Perm)),
+                            "{step:?}/{name}/write={write}: unexpected {r:?}"
+                        );
+                        assert_coherent(&m, &space, range(BUF, LEN));
+                        // The device only ever reads what the CPU maps now.
+                        let cpu = {
+                            let mut b = vec![0u8; PAGE as usize];
+                            space.read_bytes(BUF, &mut b).map(|_| b)
+                        };
+                        if let Ok(cpu) = cpu {
+                            if let Ok(dev) = dmirror::read(&m, BUF, PAGE as usize) {
+                                assert_eq!(dev, cpu, "{step:?}/{name}: device and CPU disagree");
+                            }
+                        }
+                        assert_eq!(m.device().counters().stale, 0, "{step:?}/{name}/write={write}");
+                        if step != Step::During && r.is_ok() {
+                            assert!(
+                                m.stats().retries >= 1 || name == "remap" && step == Step::Before,
+                                "{step:?}/{name}: the change collided with the fault, which must have retried"
+                            );
                         }
                     }
-                    assert_eq!(m.device().counters().stale, 0, "{step:?}/{name}/write={write}");
-                    if step != Step::During && r.is_ok() {
-                        assert!(
-                            m.stats().retries >= 1 || name == "remap" && step == Step::Before,
-                            "{step:?}/{name}: the change collided with the fault, which must have retried"
-                        );
-                    }
+                    drop(space);
+                    assert_eq!(alloc.live(), 0, "{step:?}/{name}: leak");
                 }
-                drop(space);
-                assert_eq!(alloc.live(), 0, "{step:?}/{name}: leak");
             }
         }
-    }
+    });
 }
 
 #[test]
@@ -276,105 +278,111 @@ fn retry_budget_by_clock() {
 #[test]
 fn worst_retry_count_under_a_threaded_invalidator() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (alloc, space) = kernel(16 * MIB);
-    space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
-    let m = pin!(mirror(&space, &alloc));
-    m.as_ref().register().unwrap();
-    let stop = AtomicBool::new(false);
-    let mut worst = 0;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                let inv = space.notifiers().invalidate_range_start(range(BUF, LEN), Event::Clear, true).unwrap();
-                space.notifiers().invalidate_range_end(inv);
+    watchdog::bounded("faults against a back-to-back invalidator thread", watchdog::BOUND, || {
+        let (alloc, space) = kernel(16 * MIB);
+        space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
+        let m = pin!(mirror(&space, &alloc));
+        m.as_ref().register().unwrap();
+        let stop = AtomicBool::new(false);
+        let mut worst = 0;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let inv = space.notifiers().invalidate_range_start(range(BUF, LEN), Event::Clear, true).unwrap();
+                    space.notifiers().invalidate_range_end(inv);
+                }
+            });
+            for _ in 0..200 {
+                let before = m.stats().retries;
+                match m.fault(range(BUF, LEN), true) {
+                    Ok(()) | Err(Error::Busy) => {}
+                    Err(e) => panic!("unexpected {e:?}"),
+                }
+                worst = worst.max(m.stats().retries - before);
             }
+            stop.store(true, Ordering::Relaxed);
         });
-        for _ in 0..200 {
-            let before = m.stats().retries;
-            match m.fault(range(BUF, LEN), true) {
-                Ok(()) | Err(Error::Busy) => {}
-                Err(e) => panic!("unexpected {e:?}"),
-            }
-            worst = worst.max(m.stats().retries - before);
-        }
-        stop.store(true, Ordering::Relaxed);
+        assert!(
+            worst <= 65 + 16,
+            "a fault gives up after its budget (64 retries, plus one free retry per page of progress), saw {worst}"
+        );
+        println!("worst retries per fault under a back-to-back invalidator: {worst}");
+        // Once the invalidator stopped, a fault succeeds.
+        m.fault(range(BUF, LEN), true).unwrap();
+        assert_mirror_coherent(&m, &space, range(BUF, LEN));
     });
-    assert!(
-        worst <= 65 + 16,
-        "a fault gives up after its budget (64 retries, plus one free retry per page of progress), saw {worst}"
-    );
-    println!("worst retries per fault under a back-to-back invalidator: {worst}");
-    // Once the invalidator stopped, a fault succeeds.
-    m.fault(range(BUF, LEN), true).unwrap();
-    assert_mirror_coherent(&m, &space, range(BUF, LEN));
 }
 
 #[test]
 fn unregister_during_faults() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (alloc, space) = kernel(64 * MIB);
-    space.map(BUF, 256 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
-    {
-        let m = pin!(mirror(&space, &alloc));
-        m.as_ref().register().unwrap();
-        let m = &*m;
-        let saw_unregistered = std::thread::scope(|s| {
-            let dev = s.spawn(|| loop {
-                for i in 0..256 {
-                    match m.fault(range(BUF + i * PAGE, PAGE), i % 2 == 0) {
-                        Ok(()) => {}
-                        Err(Error::Unregistered) => return true,
-                        Err(e) => panic!("unexpected {e:?}"),
+    watchdog::bounded("unregister during faults on another thread", watchdog::BOUND, || {
+        let (alloc, space) = kernel(64 * MIB);
+        space.map(BUF, 256 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
+        {
+            let m = pin!(mirror(&space, &alloc));
+            m.as_ref().register().unwrap();
+            let m = &*m;
+            let saw_unregistered = std::thread::scope(|s| {
+                let dev = s.spawn(|| loop {
+                    for i in 0..256 {
+                        match m.fault(range(BUF + i * PAGE, PAGE), i % 2 == 0) {
+                            Ok(()) => {}
+                            Err(Error::Unregistered) => return true,
+                            Err(e) => panic!("unexpected {e:?}"),
+                        }
                     }
-                }
+                });
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                m.unregister().unwrap();
+                dev.join().unwrap()
             });
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            m.unregister().unwrap();
-            dev.join().unwrap()
-        });
-        assert!(saw_unregistered);
-        assert_eq!(space.notifiers().len(), 0);
-        assert_eq!(m.translate(BUF), None);
-        assert_eq!(m.table_frames(), 0);
-        assert_eq!(m.fault(range(BUF, PAGE), false), Err(Error::Unregistered));
-        assert_eq!(m.unregister(), Err(Error::Unregistered));
-        assert_eq!(m.device().tlb_len(), 0, "device flushed");
-    }
-    drop(space);
-    assert_eq!(alloc.live(), 0);
+            assert!(saw_unregistered);
+            assert_eq!(space.notifiers().len(), 0);
+            assert_eq!(m.translate(BUF), None);
+            assert_eq!(m.table_frames(), 0);
+            assert_eq!(m.fault(range(BUF, PAGE), false), Err(Error::Unregistered));
+            assert_eq!(m.unregister(), Err(Error::Unregistered));
+            assert_eq!(m.device().tlb_len(), 0, "device flushed");
+        }
+        drop(space);
+        assert_eq!(alloc.live(), 0);
+    });
 }
 
 #[test]
 fn release_during_faults() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (alloc, space) = kernel(64 * MIB);
-    space.map(BUF, 256 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
-    {
-        let m = pin!(mirror(&space, &alloc));
-        m.as_ref().register().unwrap();
-        let m = &*m;
-        std::thread::scope(|s| {
-            let dev = s.spawn(|| loop {
-                for i in 0..256 {
-                    match dmirror::read(m, BUF + i * PAGE, PAGE as usize) {
-                        Ok(_) => {}
-                        Err(Error::Released | Error::Fault) => return,
-                        Err(e) => panic!("unexpected {e:?}"),
+    watchdog::bounded("release during device reads on another thread", watchdog::BOUND, || {
+        let (alloc, space) = kernel(64 * MIB);
+        space.map(BUF, 256 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
+        {
+            let m = pin!(mirror(&space, &alloc));
+            m.as_ref().register().unwrap();
+            let m = &*m;
+            std::thread::scope(|s| {
+                let dev = s.spawn(|| loop {
+                    for i in 0..256 {
+                        match dmirror::read(m, BUF + i * PAGE, PAGE as usize) {
+                            Ok(_) => {}
+                            Err(Error::Released | Error::Fault) => return,
+                            Err(e) => panic!("unexpected {e:?}"),
+                        }
                     }
-                }
+                });
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                space.release();
+                dev.join().unwrap();
             });
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            space.release();
-            dev.join().unwrap();
-        });
-        for i in 0..256 {
-            assert_eq!(m.translate(BUF + i * PAGE), None, "release cleared the mirror");
+            for i in 0..256 {
+                assert_eq!(m.translate(BUF + i * PAGE), None, "release cleared the mirror");
+            }
+            assert_eq!(m.fault(range(BUF, PAGE), false), Err(Error::Released));
+            assert_eq!(m.device().counters().stale, 0);
         }
-        assert_eq!(m.fault(range(BUF, PAGE), false), Err(Error::Released));
-        assert_eq!(m.device().counters().stale, 0);
-    }
-    drop(space);
-    assert_eq!(alloc.live(), 0);
+        drop(space);
+        assert_eq!(alloc.live(), 0);
+    });
 }
 
 #[test]

@@ -277,37 +277,39 @@ fn anon_read_multiple() {
 
 #[test]
 fn anon_teardown() {
-    let (alloc, space) = kernel(64 * MIB);
-    let size = 32 * PAGE;
-    let (mut ok, mut failed) = (0, 0);
-    {
-        let m = pin!(mirror(&space, &alloc));
-        m.as_ref().register().unwrap();
-        let m = &*m;
-        for round in 0..1000u32 {
-            let buf = space.map(0x1000_0000, size, RW, RegionKind::PrivateAnon).unwrap();
-            let data = pattern(size as usize, round as u8);
-            space.write_bytes(buf.start(), &data).unwrap();
-            let got = std::thread::scope(|s| {
-                let reader = s.spawn(|| dmirror::read(m, buf.start(), size as usize));
-                space.unmap(range(buf.start() + size / 2, size / 2)).unwrap();
-                reader.join().unwrap()
-            });
-            match got {
-                Ok(bytes) => {
-                    assert_eq!(bytes, data, "round {round}: a successful read returns complete, correct data");
-                    ok += 1;
+    watchdog::bounded("device reads racing an unmap", watchdog::BOUND, || {
+        let (alloc, space) = kernel(64 * MIB);
+        let size = 32 * PAGE;
+        let (mut ok, mut failed) = (0, 0);
+        {
+            let m = pin!(mirror(&space, &alloc));
+            m.as_ref().register().unwrap();
+            let m = &*m;
+            for round in 0..1000u32 {
+                let buf = space.map(0x1000_0000, size, RW, RegionKind::PrivateAnon).unwrap();
+                let data = pattern(size as usize, round as u8);
+                space.write_bytes(buf.start(), &data).unwrap();
+                let got = std::thread::scope(|s| {
+                    let reader = s.spawn(|| dmirror::read(m, buf.start(), size as usize));
+                    space.unmap(range(buf.start() + size / 2, size / 2)).unwrap();
+                    reader.join().unwrap()
+                });
+                match got {
+                    Ok(bytes) => {
+                        assert_eq!(bytes, data, "round {round}: a successful read returns complete, correct data");
+                        ok += 1;
+                    }
+                    Err(_) => failed += 1,
                 }
-                Err(_) => failed += 1,
+                space.unmap(range(buf.start(), size / 2)).unwrap();
+                assert_eq!(m.translate(buf.start()), None);
             }
-            space.unmap(range(buf.start(), size / 2)).unwrap();
-            assert_eq!(m.translate(buf.start()), None);
+            counters(m);
         }
-        counters(m);
-    }
-    assert_eq!(ok + failed, 1000);
-    drop(space);
-    assert_eq!(alloc.live(), 0);
+        assert_eq!(ok + failed, 1000);
+        drop(space);
+        assert_eq!(alloc.live(), 0);
+    });
 }
 
 #[test]

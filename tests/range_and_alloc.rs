@@ -8,6 +8,9 @@ use proptest::prelude::*;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+#[path = "common/watchdog.rs"]
+mod watchdog;
+
 type L4 = X86_64Level4;
 type L5 = X86_64Level5;
 
@@ -342,53 +345,55 @@ proptest! {
 
 #[test]
 fn concurrent_alloc_free_never_hands_out_a_frame_twice() {
-    const FRAMES: usize = 150;
-    const THREADS: usize = 4;
-    const ROUNDS: usize = 2000;
-    let bits = bitmap(FRAMES.div_ceil(64));
-    let a = BitmapFrameAllocator::new(BASE, FRAMES, &bits).unwrap();
-    let owned: Vec<AtomicBool> = (0..FRAMES).map(|_| AtomicBool::new(false)).collect();
-    std::thread::scope(|s| {
-        for t in 0..THREADS {
-            let (a, owned) = (&a, &owned);
-            s.spawn(move || {
-                let mut mine = Vec::new();
-                for round in 0..ROUNDS {
-                    // Grab a varying number of frames (together the threads
-                    // want more than there are), then give most back.
-                    let want = 1 + (round * 7 + t * 13) % 60;
-                    for _ in 0..want {
-                        match a.alloc_frame() {
-                            Some(f) => {
-                                assert_eq!(f % FRAME_SIZE, 0);
-                                let i = ((f - BASE) / FRAME_SIZE) as usize;
-                                assert!(i < FRAMES, "frame {f:#x} outside the region");
-                                assert!(!owned[i].swap(true, Ordering::AcqRel), "frame {f:#x} handed out twice");
-                                mine.push(f);
+    watchdog::bounded("concurrent frame alloc/free threads", watchdog::BOUND, || {
+        const FRAMES: usize = 150;
+        const THREADS: usize = 4;
+        const ROUNDS: usize = 2000;
+        let bits = bitmap(FRAMES.div_ceil(64));
+        let a = BitmapFrameAllocator::new(BASE, FRAMES, &bits).unwrap();
+        let owned: Vec<AtomicBool> = (0..FRAMES).map(|_| AtomicBool::new(false)).collect();
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let (a, owned) = (&a, &owned);
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for round in 0..ROUNDS {
+                        // Grab a varying number of frames (together the threads
+                        // want more than there are), then give most back.
+                        let want = 1 + (round * 7 + t * 13) % 60;
+                        for _ in 0..want {
+                            match a.alloc_frame() {
+                                Some(f) => {
+                                    assert_eq!(f % FRAME_SIZE, 0);
+                                    let i = ((f - BASE) / FRAME_SIZE) as usize;
+                                    assert!(i < FRAMES, "frame {f:#x} outside the region");
+                                    assert!(!owned[i].swap(true, Ordering::AcqRel), "frame {f:#x} handed out twice");
+                                    mine.push(f);
+                                }
+                                None => break,
                             }
-                            None => break,
+                        }
+                        let keep = round % 3;
+                        while mine.len() > keep {
+                            let f = mine.pop().unwrap();
+                            let i = ((f - BASE) / FRAME_SIZE) as usize;
+                            assert!(owned[i].swap(false, Ordering::AcqRel));
+                            // SAFETY: this thread owns `f` (it came from `a`) and
+                            // frees it once, after dropping its claim on it.
+                            unsafe { a.free_frame(f) };
                         }
                     }
-                    let keep = round % 3;
-                    while mine.len() > keep {
-                        let f = mine.pop().unwrap();
-                        let i = ((f - BASE) / FRAME_SIZE) as usize;
-                        assert!(owned[i].swap(false, Ordering::AcqRel));
-                        // SAFETY: this thread owns `f` (it came from `a`) and
-                        // frees it once, after dropping its claim on it.
+                    for f in mine {
+                        owned[((f - BASE) / FRAME_SIZE) as usize].store(false, Ordering::Release);
+                        // SAFETY: as above.
                         unsafe { a.free_frame(f) };
                     }
-                }
-                for f in mine {
-                    owned[((f - BASE) / FRAME_SIZE) as usize].store(false, Ordering::Release);
-                    // SAFETY: as above.
-                    unsafe { a.free_frame(f) };
-                }
-            });
-        }
+                });
+            }
+        });
+        assert_eq!(a.live(), 0);
+        assert!(owned.iter().all(|o| !o.load(Ordering::Relaxed)));
+        // Every frame is free again, exactly once.
+        assert_eq!(drain(&a, BASE, FRAMES).len(), FRAMES);
     });
-    assert_eq!(a.live(), 0);
-    assert!(owned.iter().all(|o| !o.load(Ordering::Relaxed)));
-    // Every frame is free again, exactly once.
-    assert_eq!(drain(&a, BASE, FRAMES).len(), FRAMES);
 }

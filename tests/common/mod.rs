@@ -2,6 +2,8 @@
 //! whose every access is checked against the CPU tables, and a mirror.
 #![allow(dead_code)]
 
+pub mod watchdog;
+
 use hmm_core::arch::x86_64::X86_64Level4;
 use hmm_core::{Mirror, MirrorConfig, RegionFlags, VaRange};
 use hmm_testkit::dmirror::{DeviceCounters, DummyDevice};
