@@ -5,10 +5,11 @@
 //! types (`LockGuard` of a `Cell` shared or sent, a registry over a store
 //! that is not `Sync`, removing a notifier through the registry); here the
 //! positive side is pinned with `static_assertions`, and the races run on
-//! real threads, each bounded so that a hang fails with a message.
+//! real threads under a watchdog, so a hang fails with a message.
 
 mod common;
 
+use common::watchdog::{bounded, BOUND};
 use common::{device, kernel, range, user, DevMirror, MIB, PAGE, RW};
 use core::cell::Cell;
 use core::pin::pin;
@@ -19,7 +20,6 @@ use hmm_testkit::{ModelSpace, RegionKind};
 use static_assertions::{assert_impl_all, assert_not_impl_any};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Barrier;
-use std::time::Duration;
 
 // A mirror is shared between the device's threads and the kernel's.
 assert_impl_all!(DevMirror<'static>: Send, Sync);
@@ -37,25 +37,6 @@ assert_not_impl_any!(LockGuard<'static, SpinLock, u64>: Send);
 const BUF: u64 = 0x4000_0000;
 const LEN: u64 = 8 * PAGE;
 const ROUNDS: usize = 300;
-/// Longest a test waits for its threads before calling it a hang.
-const HANG: Duration = Duration::from_secs(120);
-
-/// Runs `body` on a scoped thread and fails the test (exiting the process,
-/// since a stuck thread cannot be stopped) if it does not finish in `HANG`.
-fn bounded<T: Send>(what: &str, body: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        let h = s.spawn(body);
-        let deadline = std::time::Instant::now() + HANG;
-        while !h.is_finished() {
-            if std::time::Instant::now() > deadline {
-                eprintln!("registration: {what} did not finish within {HANG:?} (a hang)");
-                std::process::exit(101);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
-}
 
 fn registered(space: &ModelSpace) -> usize {
     space.notifiers().len()
@@ -63,9 +44,9 @@ fn registered(space: &ModelSpace) -> usize {
 
 #[test]
 fn two_threads_registering_one_mirror_exactly_one_wins() {
-    let (alloc, space) = kernel(16 * MIB);
-    space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
-    bounded("double registration", || {
+    bounded("double registration", BOUND, || {
+        let (alloc, space) = kernel(16 * MIB);
+        space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
         for round in 0..ROUNDS {
             let m: DevMirror<'_> = Mirror::new(&space, &*alloc, device(&space), user(), MirrorConfig::default()).unwrap();
             let m = pin!(m);
@@ -87,16 +68,16 @@ fn two_threads_registering_one_mirror_exactly_one_wins() {
             // Dropping the mirror takes its one registration out.
         }
         assert_eq!(registered(&space), 0, "a dropped mirror left an entry behind");
+        drop(space);
+        assert_eq!(alloc.live(), 0, "frames leaked");
     });
-    drop(space);
-    assert_eq!(alloc.live(), 0, "frames leaked");
 }
 
 #[test]
 fn register_racing_unregister_and_invalidations_stays_consistent() {
-    let (alloc, space) = kernel(16 * MIB);
-    space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
-    bounded("register against unregister", || {
+    bounded("register against unregister", BOUND, || {
+        let (alloc, space) = kernel(16 * MIB);
+        space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
         let stop = AtomicBool::new(false);
         let invalidations = AtomicUsize::new(0);
         std::thread::scope(|s| {
@@ -135,9 +116,9 @@ fn register_racing_unregister_and_invalidations_stays_consistent() {
             stop.store(true, Ordering::Relaxed);
         });
         assert!(invalidations.load(Ordering::Relaxed) > 0);
+        drop(space);
+        assert_eq!(alloc.live(), 0, "frames leaked");
     });
-    drop(space);
-    assert_eq!(alloc.live(), 0, "frames leaked");
 }
 
 /// `Interval::is_registered` through the mirror, for the assertions above.

@@ -6,24 +6,20 @@
 //! `Busy` within its budget plus one invalidation's length, whatever the
 //! invalidation pattern.
 //!
-//! Each storm runs on its own thread while the fault runs on another; the
-//! test thread waits for the fault's result with a bound and fails with a
-//! message (instead of hanging) when the fault never returns.
+//! Each storm runs on its own thread while the fault runs on another, under
+//! the watchdog: a fault that never returns fails the test with a message.
 
 mod common;
 
+use common::watchdog::{bounded, BOUND};
 use common::{device, kernel, range, user, DevMirror, MIB, PAGE, RW};
 use core::pin::pin;
 use hmm_core::{AddressSpace, Error, Event, Mirror, MirrorConfig, MirrorStats};
 use hmm_testkit::{ModelSpace, RegionKind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::time::Duration;
 
 const BUF: u64 = 0x4000_0000;
 const LEN: u64 = 16 * PAGE;
-/// How long the test waits for a fault before calling it a hang.
-const HANG: Duration = Duration::from_secs(60);
 
 /// Invalidations of `BUF` that overlap one another forever: a new one always
 /// starts before the previous one ends, so the sequence stays odd. Every
@@ -41,38 +37,31 @@ fn overlapping_storm(space: &ModelSpace, stop: &AtomicBool, ended: &AtomicU64) {
     reg.invalidate_range_end(open);
 }
 
-/// Runs `fault` on a thread while `overlapping_storm` runs on another, and
-/// returns the fault's result and the mirror's stats; fails after `HANG`.
+/// Runs a fault on a thread while `overlapping_storm` runs on another, and
+/// returns the fault's result, the mirror's stats and the invalidations that
+/// ended. The whole run is under the watchdog: a fault that waits forever
+/// fails the test with a message.
 fn fault_during_storm(config: MirrorConfig, write: bool) -> (Result<(), Error>, MirrorStats, u64) {
-    let (alloc, space) = kernel(16 * MIB);
-    space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
-    let m: DevMirror<'_> = Mirror::new(&space, &*alloc, device(&space), user(), config).unwrap();
-    let m = pin!(m);
-    m.as_ref().register().unwrap();
-    let stop = AtomicBool::new(false);
-    let ended = AtomicU64::new(0);
-    let (tx, rx) = mpsc::channel();
-    let out = std::thread::scope(|s| {
-        s.spawn(|| overlapping_storm(&space, &stop, &ended));
-        // Let the storm start before the fault.
-        while ended.load(Ordering::Relaxed) == 0 {
-            std::thread::yield_now();
-        }
-        let m = &m;
-        s.spawn(move || tx.send(m.fault(range(BUF, LEN), write)).unwrap());
-        let got = rx.recv_timeout(HANG);
-        stop.store(true, Ordering::Relaxed);
-        match got {
-            Ok(r) => r,
-            Err(_) => {
-                // The fault thread cannot be stopped; do not wait for it.
-                eprintln!("retry_budget: a fault did not return within {HANG:?} during an invalidation storm");
-                std::process::exit(101);
+    bounded("a fault during an invalidation storm", BOUND, move || {
+        let (alloc, space) = kernel(16 * MIB);
+        space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
+        let m: DevMirror<'_> = Mirror::new(&space, &*alloc, device(&space), user(), config).unwrap();
+        let m = pin!(m);
+        m.as_ref().register().unwrap();
+        let stop = AtomicBool::new(false);
+        let ended = AtomicU64::new(0);
+        let out = std::thread::scope(|s| {
+            s.spawn(|| overlapping_storm(&space, &stop, &ended));
+            // Let the storm start before the fault.
+            while ended.load(Ordering::Relaxed) == 0 {
+                std::thread::yield_now();
             }
-        }
-    });
-    let stats = m.stats();
-    (out, stats, ended.load(Ordering::Relaxed))
+            let r = m.fault(range(BUF, LEN), write);
+            stop.store(true, Ordering::Relaxed);
+            r
+        });
+        (out, m.stats(), ended.load(Ordering::Relaxed))
+    })
 }
 
 #[test]
