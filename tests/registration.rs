@@ -48,7 +48,8 @@ fn two_threads_registering_one_mirror_exactly_one_wins() {
         let (alloc, space) = kernel(16 * MIB);
         space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
         for round in 0..ROUNDS {
-            let m: DevMirror<'_> = Mirror::new(&space, &*alloc, device(&space), user(), MirrorConfig::default()).unwrap();
+            let m: DevMirror<'_> =
+                Mirror::new(&space, &*alloc, device(&space), user(), MirrorConfig::default()).unwrap();
             let m = pin!(m);
             let start = Barrier::new(2);
             let (a, b) = std::thread::scope(|s| {
