@@ -414,9 +414,8 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
                 return Some(seq);
             }
             let ended = self.ended.load(Ordering::Acquire);
-            self.waiter.wait_until(&|| {
-                self.seq.load(Ordering::Acquire) != seq || self.ended.load(Ordering::Acquire) != ended
-            });
+            self.waiter
+                .wait_until(&|| self.seq.load(Ordering::Acquire) != seq || self.ended.load(Ordering::Acquire) != ended);
             if interval.seq() == self.seq.load(Ordering::Acquire) && give_up() {
                 return None;
             }
