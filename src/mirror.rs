@@ -518,7 +518,11 @@ where
         // still run until `remove` returns), so no translation outlives the
         // registration; then leave the registry, then free the table.
         let table = self.take_emptied();
-        if let Some(registration) = self.registration.get_mut().take() {
+        // Through the lock, not `get_mut`: the registry's pointer to `self`
+        // is shared, and a `&mut` to a field would invalidate it (Stacked
+        // Borrows) before `remove` reads the interval through it.
+        let registration = self.registration.lock().take();
+        if let Some(registration) = registration {
             // Waits for a running invalidation; afterwards no callback can
             // reach `self`, so the memory may go.
             registration.remove();

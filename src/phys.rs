@@ -4,7 +4,7 @@
 //! through some mapping (an offset map of all RAM, a temporary window, a host
 //! test arena). hmm-core never assumes which: it asks [`PhysMem`].
 
-use core::sync::atomic::AtomicU64;
+pub(crate) use crate::sync::shim::AtomicEntry;
 
 /// Turns a physical address into a pointer the current code may use.
 ///
@@ -60,14 +60,17 @@ unsafe impl PhysMem for OffsetPhysMem {
 
 /// The 64-bit entry `index` of the table at physical address `table`.
 ///
+/// An `AtomicU64` over the entry (under `--cfg loom`, a wrapper with the same
+/// methods that loom can see: `crate::sync::loom_pte`).
+///
 /// # Safety
 /// `table` must be a live, 4 KiB-aligned page-table frame of `phys`, and
 /// `index` must be below the table's entry count (at most 512).
 #[inline]
-pub(crate) unsafe fn entry<P: PhysMem + ?Sized>(phys: &P, table: u64, index: usize) -> &AtomicU64 {
+pub(crate) unsafe fn entry<P: PhysMem + ?Sized>(phys: &P, table: u64, index: usize) -> &AtomicEntry {
     debug_assert!(index < 512 && table & 0xfff == 0);
     // SAFETY: by `PhysMem`'s contract the frame is valid and 8-byte aligned for
     // reads and writes; `index < 512` keeps the entry inside it; all access to
     // table entries goes through atomics, so sharing it is sound.
-    unsafe { AtomicU64::from_ptr((phys.ptr(table) as *mut u64).add(index)) }
+    unsafe { AtomicEntry::from_ptr((phys.ptr(table) as *mut u64).add(index)) }
 }

@@ -1,6 +1,7 @@
 //! Loom model checking of the HMM coherence protocol.
 //!
-//! Quick run (CI), about 10 s:
+//! Quick run (CI), about 90 s on two cores (`m2_two_zaps_and_fault` is
+//! nearly all of it):
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS=2 cargo test --release --test loom`
 //! Long run: the same with `LOOM_MAX_PREEMPTIONS=3`. Add `-- --nocapture` to
 //! see the number of explored executions and the time of each model.
@@ -10,13 +11,35 @@
 //! hole; (2) a fault racing two overlapping MADV_DONTNEED-style zaps; (3)
 //! notifier insert and remove during an invalidation, and a mirror
 //! registering while a zap runs; (4) `Mirror::unregister`, drop and
-//! `NotifierRegistry::release` racing a fault or an unmap.
+//! `NotifierRegistry::release` racing a fault or an unmap; (5) misuse of
+//! registration: two `Mirror::register` at once, `register` racing
+//! `unregister`.
 //!
 //! Under `--cfg loom` the registry, the intervals, the mirror's update lock
 //! and `SpinWait` are loom-modelled (see `src/sync/shim.rs`). The kernel here
 //! is a minimal one built for loom: a heap arena as physical memory with real
 //! x86_64 4-level tables, one region, a `loom::sync::RwLock` as the mmap lock,
 //! a `loom::sync::Mutex` as the page-table lock and as the frame allocator.
+//!
+//! Page-table entries are loom-modelled too (`hmm_core::sync::loom_pte`), and
+//! the kernel model is no stronger than hardware: the kernel's tables are
+//! `Entries::Atomic`, each entry a loom atomic that hmm-core's walker and the
+//! kernel access through the same shadow. The kernel writes a PTE with a
+//! plain (`Relaxed`) store under its page-table lock and reads its own PTEs
+//! with plain loads; the only ordering an entry change gets is the lock's
+//! release and the kernel's own synchronisation around it (the mmap lock, the
+//! notifier calls). So a walk can read an entry the kernel has already
+//! changed and whose frame it has freed, unless hmm-core's sequence protocol
+//! orders the walk after the change: weakening the registry's end store and
+//! `read_begin`'s loads to `Relaxed` is caught by `m2_two_zaps_and_fault`
+//! ("mirror maps freed frame"), which the earlier model, which read every
+//! entry as sequentially consistent behind an acquire RMW, let pass. The
+//! mirror table's frames (from the kernel's frame allocator) are
+//! `Entries::LockOrdered`: plain memory, with loom checking that every
+//! access is ordered (hmm-core touches them only under the update lock).
+//! Freed frames are poisoned and fresh ones zeroed through `loom_pte::fill`,
+//! so entries read after that see the new bytes, and an access racing the
+//! poisoning is a loom causality violation.
 //!
 //! Observers (which frames the kernel freed, what the device maps, flags set
 //! after a call returned) are loom atomics used with `Relaxed` only: loom
@@ -33,11 +56,12 @@
 #![cfg(loom)]
 
 use core::pin::Pin;
-use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use core::sync::atomic::Ordering::{Relaxed, SeqCst};
 use hmm_core::arch::x86_64::X86_64Level4;
 use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView};
 use hmm_core::notifier::FixedStore;
 use hmm_core::pt::Pfn;
+use hmm_core::sync::loom_pte::{self, AtomicEntry, Entries};
 use hmm_core::sync::{RawLock, SpinLock, SpinWait, Waiter};
 use hmm_core::{
     AddressSpace, DeviceOps, Error, Event, FrameAllocator, Interval, InvalidateRange, Mirror, MirrorConfig, Notifier,
@@ -191,7 +215,8 @@ unsafe fn reclaim<T>(value: &'static T) {
 // The kernel in miniature
 // ---------------------------------------------------------------------------
 
-/// Physical memory: a heap arena of `FRAMES` frames.
+/// Physical memory: a heap arena of `FRAMES` frames, 4 KiB-aligned (each
+/// frame is one frame for `loom_pte`).
 struct Ram {
     base: *mut u64,
     words: usize,
@@ -204,22 +229,27 @@ unsafe impl Send for Ram {}
 unsafe impl Sync for Ram {}
 
 impl Ram {
+    fn layout() -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(FRAMES * PAGE as usize, PAGE as usize).unwrap()
+    }
+
     fn new() -> Self {
-        let words = FRAMES * 512;
-        let base = Box::into_raw(vec![0u64; words].into_boxed_slice()).cast::<u64>();
-        Self { base, words }
+        // SAFETY: the layout has a non-zero size.
+        let base = unsafe { std::alloc::alloc_zeroed(Self::layout()) }.cast::<u64>();
+        assert!(!base.is_null(), "out of memory");
+        Self { base, words: FRAMES * 512 }
     }
 }
 
 impl Drop for Ram {
     fn drop(&mut self) {
-        // SAFETY: `base`/`words` describe the boxed slice made in `new`.
-        drop(unsafe { Box::from_raw(core::ptr::slice_from_raw_parts_mut(self.base, self.words)) });
+        // SAFETY: `base` came from `alloc_zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.base.cast::<u8>(), Self::layout()) };
     }
 }
 
 // SAFETY: every frame hmm-core is given comes from `Frames`, i.e. lies inside
-// the arena, which is 8-byte aligned, never moves and outlives every user.
+// the arena, which is 4 KiB-aligned, never moves and outlives every user.
 unsafe impl PhysMem for Ram {
     fn ptr(&self, pa: u64) -> *mut u8 {
         let offset = (pa - BASE) as usize;
@@ -229,6 +259,12 @@ unsafe impl PhysMem for Ram {
 }
 
 /// The frame allocator: a bitmap under a loom mutex. Freed frames are poisoned.
+///
+/// Frames it hands out are modelled as `Entries::LockOrdered` (see
+/// `hmm_core::sync::loom_pte`): hmm-core uses them for its mirror table,
+/// which it only touches under the mirror's update lock (the model's device
+/// has no lockless walker), and loom checks exactly that. The kernel's own
+/// tables are `Entries::Atomic` (`Kernel::new`).
 struct Frames {
     ram: *const Ram,
     used: Mutex<u64>,
@@ -247,20 +283,23 @@ impl FrameAllocator for Frames {
             return None;
         }
         *used |= 1 << i;
-        Some(BASE + i as u64 * PAGE)
+        let frame = BASE + i as u64 * PAGE;
+        // SAFETY: the frame is in the arena (`ram` outlives the allocator).
+        loom_pte::model_frame(unsafe { (*self.ram).ptr(frame) }, Entries::LockOrdered);
+        Some(frame)
     }
 
     unsafe fn free_frame(&self, frame: u64) {
         let i = frame_index(frame);
-        {
-            let mut used = self.used.lock().unwrap();
-            assert!(*used & (1 << i) != 0, "double free of {frame:#x}");
-            *used &= !(1 << i);
-        }
-        // Poison it: a mirror table still linking a freed directory would read
-        // garbage "valid" entries and fail the coherence checks.
+        let mut used = self.used.lock().unwrap();
+        assert!(*used & (1 << i) != 0, "double free of {frame:#x}");
+        // Poison it while it is still ours: a mirror table still linking a
+        // freed directory would read garbage "valid" entries and fail the
+        // coherence checks. Through the hook, so entries read afterwards are
+        // the poison, not a stale shadow.
         // SAFETY: the frame is in the arena and nobody may use it any more.
-        unsafe { core::ptr::write_bytes((*self.ram).ptr(frame), POISON, PAGE as usize) };
+        unsafe { loom_pte::fill((*self.ram).ptr(frame), POISON) };
+        *used &= !(1 << i);
     }
 }
 
@@ -289,15 +328,6 @@ struct Kernel<W: Waiter = SpinWait> {
     /// The page-table lock: taken around every leaf change.
     ptl: Mutex<()>,
     notifiers: Registry<W>,
-    /// A loom-visible shadow of the page-table entries. hmm-core reads the
-    /// entries with plain atomics, which loom does not see, so its partial
-    /// order reduction would not know that a walk and an entry change
-    /// conflict. Every entry write is preceded by a release RMW on this
-    /// counter, and every walk (which follows `region()` with no loom
-    /// operation in between) by an acquire RMW: loom then explores both
-    /// orders of each walk and each change, and an RMW always reads the
-    /// latest value, so loom's order is the order the real entries see.
-    ptes: loom::sync::atomic::AtomicUsize,
     seen: Observed,
 }
 
@@ -316,53 +346,72 @@ impl<W: Waiter> Kernel<W> {
             mmap: RwLock::new(()),
             ptl: Mutex::new(()),
             notifiers: Registry::new(),
-            ptes: loom::sync::atomic::AtomicUsize::new(0),
             seen: Observed::default(),
         };
-        k.root = k.zeroed_frame().expect("root");
+        k.root = k.table_frame();
         let mut table = k.root;
         for level in (1..X86_64Level4::LEVELS).rev() {
-            let frame = k.zeroed_frame().expect("directory");
+            let frame = k.table_frame();
             let dir = PteView::Table { frame, flags: LeafFlags::READ | LeafFlags::WRITE | LeafFlags::USER };
-            k.slot(table, X86_64Level4::index(VA, level)).store(X86_64Level4::encode(&dir, level).unwrap(), SeqCst);
+            k.slot(table, X86_64Level4::index(VA, level)).store(X86_64Level4::encode(&dir, level).unwrap(), Relaxed);
             table = frame;
         }
         k.leaf_table = table;
+        // A loom shadow is created by the first access of its entry, and every
+        // later access must happen after it: touch every leaf of the region
+        // here, before any thread is spawned (the directories are written above).
+        for page in 0..count {
+            k.pte(va(page)).load(Relaxed);
+        }
         for page in (0..count).filter(|p| mapped & (1 << p) != 0) {
             k.map_new(va(page)).expect("frame");
         }
         k
     }
 
+    /// A zeroed frame for one of the kernel's tables, which hmm-core walks
+    /// without a lock while the kernel changes them: `Entries::Atomic`.
+    fn table_frame(&self) -> u64 {
+        let frame = self.zeroed_frame().expect("table frame");
+        loom_pte::model_frame(self.ram.ptr(frame), Entries::Atomic);
+        frame
+    }
+
     fn zeroed_frame(&self) -> Option<u64> {
         let frame = self.frames.alloc_frame()?;
-        // SAFETY: a fresh frame of the arena, ours to write.
-        unsafe { core::ptr::write_bytes(self.ram.ptr(frame), 0, PAGE as usize) };
+        // SAFETY: a fresh frame of the arena, ours to write (through the hook:
+        // it may have been a mirror table before).
+        unsafe { loom_pte::fill(self.ram.ptr(frame), 0) };
         Some(frame)
     }
 
-    fn slot(&self, table: u64, index: usize) -> &core::sync::atomic::AtomicU64 {
-        // SAFETY: `table` is a table frame of the arena and `index < 512`.
-        unsafe { core::sync::atomic::AtomicU64::from_ptr(self.ram.ptr(table).cast::<u64>().add(index)) }
+    /// An entry of one of the kernel's tables, seen by loom through the same
+    /// shadow as hmm-core's accesses (`hmm_core::sync::loom_pte`).
+    fn slot(&self, table: u64, index: usize) -> &AtomicEntry {
+        // SAFETY: `table` is a table frame of the arena and `index < 512`;
+        // entries are only accessed atomically.
+        unsafe { AtomicEntry::from_ptr(self.ram.ptr(table).cast::<u64>().add(index)) }
     }
 
-    fn pte(&self, va: u64) -> &core::sync::atomic::AtomicU64 {
+    fn pte(&self, va: u64) -> &AtomicEntry {
         assert!(self.region.range.contains_addr(va));
         self.slot(self.leaf_table, X86_64Level4::index(va, 0))
     }
 
-    /// The frame the CPU maps at `va` now.
+    /// The frame the CPU maps at `va`: a plain load, like the kernel's own
+    /// reads of its entries (exact under the PTE lock or after a join).
     fn cpu_frame(&self, va: u64) -> Option<u64> {
-        match X86_64Level4::decode(self.pte(va).load(SeqCst), 0) {
+        match X86_64Level4::decode(self.pte(va).load(Relaxed), 0) {
             PteView::Leaf { frame, .. } => Some(frame),
             _ => None,
         }
     }
 
-    /// Writes the leaf of `va` (PTE lock held, or single-threaded).
+    /// Writes the leaf of `va` (PTE lock held, or single-threaded): a plain
+    /// store, as a kernel's `set_pte` is; the PTE lock's release is the only
+    /// ordering it gets.
     fn set_pte(&self, va: u64, raw: u64) {
-        self.ptes.fetch_add(1, Release);
-        self.pte(va).store(raw, SeqCst);
+        self.pte(va).store(raw, Relaxed);
     }
 
     fn leaf(frame: u64) -> u64 {
@@ -394,7 +443,7 @@ impl<W: Waiter> Kernel<W> {
         let old = self.seen.freed.fetch_or(1 << frame_index(frame), Relaxed);
         assert!(old & (1 << frame_index(frame)) == 0, "data frame {frame:#x} freed twice");
         // SAFETY: the frame is in the arena; neither the CPU nor the device maps it.
-        unsafe { core::ptr::write_bytes(self.ram.ptr(frame), POISON, PAGE as usize) };
+        unsafe { loom_pte::fill(self.ram.ptr(frame), POISON) };
     }
 
     /// Changes the leaves of `count` pages from `first`: unmaps them, or with
@@ -468,8 +517,6 @@ unsafe impl<W: Waiter> AddressSpace for Kernel<W> {
         self.mmap.read().unwrap()
     }
     fn region<'g>(&'g self, _: &Self::ReadGuard<'g>, va: u64) -> Option<Region> {
-        // range_fault walks the entries right after this call (see `ptes`).
-        self.ptes.fetch_add(0, Acquire);
         self.region.range.contains_addr(va).then_some(self.region)
     }
     fn handle_fault<'g>(&'g self, _: &Self::ReadGuard<'g>, range: VaRange, _write: bool) -> Result<()> {
@@ -527,22 +574,35 @@ impl<W: Waiter> DeviceOps for Device<W> {
 }
 
 /// A kernel plus a registered mirror of its whole region; pages in
-/// `mirrored` are faulted into the mirror at setup.
+/// `mirrored` are faulted into the mirror at setup. Call it before spawning.
 fn world<W: Waiter + 'static, L: RawLock + 'static>(
     count: usize,
     mapped: u32,
     mirrored: u32,
 ) -> (&'static Kernel<W>, &'static DevMirror<W, L>) {
-    let k = leak(Kernel::<W>::new(count, mapped));
-    let config = MirrorConfig::default();
-    let mirror = Mirror::with_geometry(k, &k.frames, Device { k }, k.region.range, config).expect("mirror");
-    let m: &'static DevMirror<W, L> = leak(mirror);
-    // SAFETY: `m` lives in a box that is never moved; it is dropped in place.
-    unsafe { Pin::new_unchecked(m) }.register().expect("register");
-    for page in (0..count).filter(|p| mirrored & (1 << p) != 0) {
-        m.fault(pages(page, 1), true).expect("setup fault");
-    }
-    (k, m)
+    // Single-threaded: spares loom the mirror table's 512-entry loops.
+    loom_pte::exclusive(|| {
+        let (k, m) = unregistered_world::<W, L>(count, mapped);
+        // SAFETY: `m` lives in a box that is never moved; it is dropped in place.
+        unsafe { Pin::new_unchecked(m) }.register().expect("register");
+        for page in (0..count).filter(|p| mirrored & (1 << p) != 0) {
+            m.fault(pages(page, 1), true).expect("setup fault");
+        }
+        (k, m)
+    })
+}
+
+/// A kernel and a mirror of its whole region, not registered.
+fn unregistered_world<W: Waiter + 'static, L: RawLock + 'static>(
+    count: usize,
+    mapped: u32,
+) -> (&'static Kernel<W>, &'static DevMirror<W, L>) {
+    loom_pte::exclusive(|| {
+        let k = leak(Kernel::<W>::new(count, mapped));
+        let config = MirrorConfig::default();
+        let mirror = Mirror::with_geometry(k, &k.frames, Device { k }, k.region.range, config).expect("mirror");
+        (k, leak(mirror))
+    })
 }
 
 /// Drops the mirror (unregistering it), then the kernel.
@@ -550,11 +610,11 @@ fn world<W: Waiter + 'static, L: RawLock + 'static>(
 /// # Safety
 /// As [`reclaim`].
 unsafe fn teardown<W: Waiter + 'static, L: RawLock + 'static>(k: &'static Kernel<W>, m: &'static DevMirror<W, L>) {
-    // SAFETY: forwarded.
-    unsafe {
+    // SAFETY: forwarded; every thread has been joined (single-threaded).
+    loom_pte::exclusive(|| unsafe {
         reclaim(m);
         reclaim(k);
-    }
+    })
 }
 
 /// The invariant after all threads joined: for every page the mirror maps
@@ -700,17 +760,17 @@ fn m3_insert_during_invalidation() {
     model("m3_insert_during_invalidation", || {
         let reg: &'static Registry = leak(Registry::new());
         let (old, new): (&'static Probe, &'static Probe) = (leak(Probe::new()), leak(Probe::new()));
-        // SAFETY: the probes outlive their registration (removed below).
-        unsafe { reg.insert(old) }.unwrap();
+        // SAFETY: the probes outlive their registrations (removed below).
+        let old_reg = unsafe { reg.insert(old) }.unwrap();
         let kernel = thread::spawn(move || invalidate(reg));
         let driver = thread::spawn(move || {
             let before = reg.seq();
             // SAFETY: as above.
-            unsafe { reg.insert(new) }.unwrap();
-            (before, reg.seq())
+            let new_reg = unsafe { reg.insert(new) }.unwrap();
+            (before, reg.seq(), new_reg)
         });
         kernel.join().unwrap();
-        let (before, after) = driver.join().unwrap();
+        let (before, after, new_reg) = driver.join().unwrap();
         assert_eq!(old.calls(), 1);
         if before == after && before % 2 == 1 {
             // The insert ran entirely inside the (only) invalidation.
@@ -726,8 +786,9 @@ fn m3_insert_during_invalidation() {
         // Now registered: a read section begins at once and sees no retry.
         let seq = reg.read_begin(&new.interval);
         assert!(!reg.read_retry(&new.interval, seq));
-        reg.remove(old).unwrap();
-        reg.remove(new).unwrap();
+        old_reg.remove();
+        new_reg.remove();
+        assert!(reg.is_empty());
         // SAFETY: all threads joined; nothing is registered any more.
         unsafe {
             reclaim(old);
@@ -742,14 +803,11 @@ fn m3_remove_during_invalidation() {
     model("m3_remove_during_invalidation", || {
         let reg: &'static Registry = leak(Registry::new());
         let (stays, goes): (&'static Probe, &'static Probe) = (leak(Probe::new()), leak(Probe::new()));
-        // SAFETY: the probes outlive their registration (removed below).
-        unsafe {
-            reg.insert(stays).unwrap();
-            reg.insert(goes).unwrap();
-        }
+        // SAFETY: the probes outlive their registrations (removed below).
+        let (stays_reg, goes_reg) = unsafe { (reg.insert(stays).unwrap(), reg.insert(goes).unwrap()) };
         let kernel = thread::spawn(move || invalidate(reg));
         let driver = thread::spawn(move || {
-            reg.remove(goes).unwrap();
+            goes_reg.remove();
             assert!(!goes.in_callback.load(Relaxed), "remove() returned while the callback runs");
             goes.removed.store(true, Relaxed);
         });
@@ -762,8 +820,8 @@ fn m3_remove_during_invalidation() {
         assert!(!goes.interval.is_registered());
         assert_eq!(reg.len(), 1);
         assert_eq!(reg.seq() % 2, 0, "sequence left odd");
-        assert_eq!(reg.remove(goes), Err(Error::Unregistered));
-        reg.remove(stays).unwrap();
+        stays_reg.remove();
+        assert!(reg.is_empty());
         // SAFETY: all threads joined; nothing is registered any more.
         unsafe {
             reclaim(stays);
@@ -781,9 +839,7 @@ fn m3_remove_during_invalidation() {
 #[test]
 fn m3_register_during_zap() {
     model("m3_register_during_zap", || {
-        let k = leak(Kernel::<SpinWait>::new(2, 0b11));
-        let mirror = Mirror::new(k, &k.frames, Device { k }, k.region.range, MirrorConfig::default()).expect("mirror");
-        let m: &'static DevMirror = leak(mirror);
+        let (k, m) = unregistered_world::<SpinWait, SpinLock>(2, 0b11);
         let cpu = thread::spawn(move || k.zap(0, 1));
         let device = thread::spawn(move || {
             // SAFETY: `m` lives in a box that is never moved; dropped in place.
@@ -880,6 +936,152 @@ fn m4_drop_vs_unmap() {
         cpu.join().unwrap();
         assert!(k.seen.device.iter().all(|d| d.load(Relaxed) == 0), "device still maps a page");
         // SAFETY: both threads joined.
-        unsafe { reclaim(k) };
+        loom_pte::exclusive(|| unsafe { reclaim(k) });
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Model 5: registration misuse
+// ---------------------------------------------------------------------------
+
+/// Drops the mirror and checks it left the registry and the device empty,
+/// then drops the kernel.
+///
+/// # Safety
+/// As [`reclaim`].
+unsafe fn drop_and_check<W: Waiter + 'static, L: RawLock + 'static>(
+    k: &'static Kernel<W>,
+    m: &'static DevMirror<W, L>,
+) {
+    // SAFETY: forwarded; every thread has been joined (single-threaded).
+    loom_pte::exclusive(|| unsafe { reclaim(m) });
+    assert!(k.notifiers.is_empty(), "the dropped mirror is still registered");
+    assert!(k.seen.device.iter().all(|d| d.load(Relaxed) == 0), "device maps a page of a dropped mirror");
+    // SAFETY: as above.
+    loom_pte::exclusive(|| unsafe { reclaim(k) });
+}
+
+/// Two threads register the same pinned mirror at once: exactly one gets
+/// `Ok`, the other `Busy`, and the registry holds the mirror once.
+#[test]
+fn m5_double_register() {
+    model("m5_double_register", || {
+        let (k, m) = unregistered_world::<SpinWait, SpinLock>(2, 0b11);
+        // SAFETY (both): `m` lives in a box that is never moved; dropped in place.
+        let a = thread::spawn(move || unsafe { Pin::new_unchecked(m) }.register());
+        let b = thread::spawn(move || unsafe { Pin::new_unchecked(m) }.register());
+        let (ra, rb) = (a.join().unwrap(), b.join().unwrap());
+        assert!(
+            matches!((ra, rb), (Ok(()), Err(Error::Busy)) | (Err(Error::Busy), Ok(()))),
+            "two registers returned {ra:?} and {rb:?}"
+        );
+        assert_eq!(k.notifiers.len(), 1, "registry entries after a double register");
+        assert!(m.interval().is_registered());
+        // It works as a registered mirror, and its one entry goes with it.
+        m.fault(pages(0, 1), true).expect("fault after register");
+        assert_coherent(k, m, 2);
+        // SAFETY: both threads joined.
+        unsafe { drop_and_check(k, m) };
+    });
+}
+
+/// `register` (then a fault) racing `unregister`: whichever order they take,
+/// the registry holds the mirror exactly when its interval says registered,
+/// and an unregistered mirror maps nothing, in its table or on the device.
+#[test]
+fn m5_register_vs_unregister() {
+    model("m5_register_vs_unregister", || {
+        let (k, m) = unregistered_world::<SpinWait, SpinLock>(2, 0b11);
+        let device = thread::spawn(move || {
+            // SAFETY: `m` lives in a box that is never moved; dropped in place.
+            let r = unsafe { Pin::new_unchecked(m) }.register();
+            (r, r.is_ok().then(|| m.fault(pages(0, 1), true)))
+        });
+        let driver = thread::spawn(move || {
+            let u = m.unregister();
+            if u.is_ok() {
+                k.seen.unregistered.store(true, Relaxed);
+            }
+            u
+        });
+        let (r, fault) = device.join().unwrap();
+        let u = driver.join().unwrap();
+        let registered = m.interval().is_registered();
+        assert_eq!(k.notifiers.len(), usize::from(registered), "registry entries vs is_registered()");
+        match (r, u) {
+            // Unregister first (nothing to do), then a normal registration.
+            (Ok(()), Err(Error::Unregistered)) => {
+                assert!(registered);
+                assert_eq!(fault, Some(Ok(())));
+                assert_coherent(k, m, 2);
+            }
+            // Register first; the fault ran before or after the unregister.
+            (Ok(()), Ok(())) => {
+                assert!(!registered);
+                assert!(matches!(fault, Some(Ok(()) | Err(Error::Unregistered))), "fault returned {fault:?}");
+                for page in 0..2 {
+                    assert_eq!(m.translate(va(page)), None, "unregistered mirror maps page {page}");
+                }
+                assert!(k.seen.device.iter().all(|d| d.load(Relaxed) == 0), "device maps a page after unregister");
+                assert_eq!(m.table_frames(), 0);
+                // SAFETY: `m` is pinned in its box.
+                assert_eq!(unsafe { Pin::new_unchecked(m) }.register(), Err(Error::Unregistered));
+                assert!(k.notifiers.is_empty());
+            }
+            other => panic!("register / unregister returned {other:?}"),
+        }
+        // SAFETY: both threads joined.
+        unsafe { drop_and_check(k, m) };
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Model 0: the entry model itself
+// ---------------------------------------------------------------------------
+
+/// The kernel model is no stronger than hardware: a plain load of a PTE that
+/// another CPU cleared with a plain store may return the old entry even after
+/// a flag (also plain) says the store happened, and may return the new one.
+#[test]
+fn m0_pte_load_may_be_stale() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let outcomes = Arc::clone(&seen);
+    model("m0_pte_load_may_be_stale", move || {
+        let k = loom_pte::exclusive(|| leak(Kernel::<SpinWait>::new(1, 0b1)));
+        let done = leak(loom::sync::atomic::AtomicBool::new(false));
+        let cpu = thread::spawn(move || {
+            k.set_pte(va(0), 0);
+            done.store(true, Relaxed);
+        });
+        if done.load(Relaxed) {
+            let stale = k.cpu_frame(va(0)).is_some();
+            outcomes.fetch_or(if stale { 1 } else { 2 }, SeqCst);
+        }
+        cpu.join().unwrap();
+        // SAFETY: the thread joined.
+        loom_pte::exclusive(|| unsafe {
+            reclaim(done);
+            reclaim(k);
+        });
+    });
+    assert_eq!(
+        seen.load(SeqCst),
+        3,
+        "a load after the flag saw {}",
+        ["nothing", "only the old PTE", "only the new PTE"][seen.load(SeqCst)]
+    );
+}
+
+/// Unordered accesses of a lock-ordered frame (the mirror table's) are
+/// reported, not silently given the latest value.
+#[test]
+#[should_panic(expected = "Causality violation")]
+fn m0_unordered_mirror_table_access_is_reported() {
+    model("m0_unordered_mirror_table_access_is_reported", || {
+        let k = loom_pte::exclusive(|| leak(Kernel::<SpinWait>::new(1, 0)));
+        let table = k.frames.alloc_frame().expect("frame");
+        let other = thread::spawn(move || k.slot(table, 1).store(1, Relaxed));
+        k.slot(table, 2).load(Relaxed);
+        other.join().unwrap();
     });
 }

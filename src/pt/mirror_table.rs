@@ -11,11 +11,11 @@
 
 use crate::arch::{check_geometry, PagingGeometry};
 use crate::frame::FrameAllocator;
-use crate::phys::{entry, PhysMem};
+use crate::phys::{entry, AtomicEntry, PhysMem};
 use crate::range::VaRange;
 use crate::{Error, Result};
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 /// One device-side translation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -76,7 +76,7 @@ fn with_count(dir: u64, n: u64) -> u64 {
 }
 
 /// Adjusts the live count kept in `parent` (none for the root).
-fn add_count(parent: Option<&AtomicU64>, delta: i64) {
+fn add_count(parent: Option<&AtomicEntry>, delta: i64) {
     if let Some(p) = parent {
         let v = p.load(Ordering::Relaxed);
         p.store(with_count(v, count(v).wrapping_add_signed(delta)), Ordering::Release);
@@ -186,7 +186,7 @@ impl<G: PagingGeometry> MirrorTable<G> {
         level: usize,
         start: u64,
         last: u64,
-        parent: Option<&AtomicU64>,
+        parent: Option<&AtomicEntry>,
     ) -> Result<()> {
         if level == 0 {
             return Ok(());
@@ -252,7 +252,7 @@ impl<G: PagingGeometry> MirrorTable<G> {
         level: usize,
         start: u64,
         last: u64,
-        parent: Option<&AtomicU64>,
+        parent: Option<&AtomicEntry>,
         f: &mut dyn FnMut(u64) -> Option<MirrorEntry>,
     ) -> u64 {
         let mask = (1u64 << G::level_shift(level)) - 1;
@@ -296,7 +296,7 @@ impl<G: PagingGeometry> MirrorTable<G> {
         level: usize,
         start: u64,
         last: u64,
-        parent: Option<&AtomicU64>,
+        parent: Option<&AtomicEntry>,
     ) -> usize {
         if level == 0 {
             return 0;

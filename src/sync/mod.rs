@@ -4,6 +4,9 @@
 //! [`RawLock`] (a sleeping mutex) and [`Waiter`] (a wait queue).
 
 mod lock;
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod loom_pte;
 pub(crate) mod shim;
 mod wait;
 

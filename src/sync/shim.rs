@@ -7,6 +7,14 @@ pub(crate) use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 
+/// A page-table entry in `PhysMem` memory (see [`crate::phys::entry`]): a
+/// plain `AtomicU64` over that memory, or under loom the same word with the
+/// same methods, modelled so that loom sees its accesses (`super::loom_pte`).
+#[cfg(not(loom))]
+pub(crate) type AtomicEntry = core::sync::atomic::AtomicU64;
+#[cfg(loom)]
+pub(crate) use super::loom_pte::AtomicEntry;
+
 /// Called in every busy-wait loop: a pause hint, or a yield to loom's scheduler.
 #[inline]
 pub(crate) fn spin_hint() {
