@@ -473,7 +473,7 @@ where
         &self.interval
     }
 
-    fn invalidate(&self, inv: &InvalidateRange, cur_seq: u64) -> bool {
+    fn invalidate(&self, inv: &InvalidateRange) -> bool {
         if let Event::Migrate { owner } | Event::Exclusive { owner } = inv.event {
             // The device's own migration handles its mirror itself.
             if Some(owner) == self.config.owner {
@@ -488,7 +488,7 @@ where
                 None => return false,
             }
         };
-        self.interval.set_seq(cur_seq);
+        self.interval.set_seq(inv);
         let (Some(range), Some(table)) = (inv.range.intersect(&self.interval.range()), table.as_mut()) else {
             return true;
         };

@@ -93,12 +93,12 @@ impl Notifier for Refusing {
     fn interval(&self) -> &Interval {
         &self.interval
     }
-    fn invalidate(&self, inv: &InvalidateRange, cur_seq: u64) -> bool {
+    fn invalidate(&self, inv: &InvalidateRange) -> bool {
         self.calls.fetch_add(1, Ordering::Relaxed);
         if !inv.blockable {
             return false;
         }
-        self.interval.set_seq(cur_seq);
+        self.interval.set_seq(inv);
         true
     }
 }
@@ -329,8 +329,8 @@ fn every_entry_point_rejects_bad_input_with_the_exact_error() {
 
         // ---- range_fault ---------------------------------------------------
         let interval = Interval::new(r4(BUF, WATCH));
-        let seq = 0x1234; // what the interval would have been read at
-        interval.set_seq(seq);
+        // What a fault would have read (an unregistered interval: no wait).
+        let seq = space.notifiers().read_begin(&interval);
         type RfRow = (&'static str, VaRange, usize, u64, u64, u64, hmm_core::Result<()>);
         let fault = Pfn::REQ_FAULT;
         let write = Pfn::REQ_WRITE;

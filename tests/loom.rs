@@ -738,12 +738,12 @@ impl Notifier for Probe {
         &self.interval
     }
 
-    fn invalidate(&self, _: &InvalidateRange, cur_seq: u64) -> bool {
+    fn invalidate(&self, inv: &InvalidateRange) -> bool {
         assert!(!self.removed.load(Relaxed), "callback of a notifier whose remove() returned");
-        assert_eq!(cur_seq % 2, 1, "callback with an even sequence");
+        assert_eq!(inv.seq() % 2, 1, "callback with an even sequence");
         self.in_callback.store(true, Relaxed);
         self.calls.fetch_add(1, Relaxed);
-        self.interval.set_seq(cur_seq);
+        self.interval.set_seq(inv);
         self.in_callback.store(false, Relaxed);
         true
     }

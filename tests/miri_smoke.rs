@@ -353,8 +353,8 @@ impl Notifier for Counter {
     fn interval(&self) -> &Interval {
         &self.interval
     }
-    fn invalidate(&self, _inv: &InvalidateRange, cur_seq: u64) -> bool {
-        self.interval.set_seq(cur_seq);
+    fn invalidate(&self, inv: &InvalidateRange) -> bool {
+        self.interval.set_seq(inv);
         self.calls.fetch_add(1, Ordering::SeqCst);
         true
     }

@@ -678,10 +678,10 @@ impl hmm_core::Notifier for Recorder {
     fn interval(&self) -> &hmm_core::Interval {
         &self.interval
     }
-    fn invalidate(&self, inv: &hmm_core::InvalidateRange, cur_seq: u64) -> bool {
+    fn invalidate(&self, inv: &hmm_core::InvalidateRange) -> bool {
         let mut seen = self.seen.lock().unwrap();
         seen.push((inv.range, inv.event));
-        self.interval.set_seq(cur_seq);
+        self.interval.set_seq(inv);
         true
     }
 }

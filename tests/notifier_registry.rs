@@ -25,7 +25,7 @@ struct Counter {
     interval: Interval,
     calls: AtomicUsize,
     last_seq: AtomicU64,
-    last: Mutex<Option<InvalidateRange>>,
+    last: Mutex<Option<Seen>>,
     /// Refuse non-blockable invalidations (as if the driver lock were taken).
     refuse_nonblocking: bool,
     /// Set by a test once `remove` returned; a callback after that is a bug.
@@ -54,9 +54,17 @@ impl Counter {
         self.calls.load(Ordering::SeqCst)
     }
 
-    fn last(&self) -> Option<InvalidateRange> {
+    fn last(&self) -> Option<Seen> {
         *self.last.lock().unwrap()
     }
+}
+
+/// What a callback was told (an `InvalidateRange` cannot be kept).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seen {
+    range: VaRange,
+    event: Event,
+    blockable: bool,
 }
 
 impl Notifier for Counter {
@@ -64,16 +72,16 @@ impl Notifier for Counter {
         &self.interval
     }
 
-    fn invalidate(&self, inv: &InvalidateRange, cur_seq: u64) -> bool {
+    fn invalidate(&self, inv: &InvalidateRange) -> bool {
         if self.removed.load(Ordering::SeqCst) {
             self.late_calls.fetch_add(1, Ordering::SeqCst);
         }
         if self.refuse_nonblocking && !inv.blockable {
             return false;
         }
-        *self.last.lock().unwrap() = Some(*inv);
-        self.last_seq.store(cur_seq, Ordering::SeqCst);
-        self.interval.set_seq(cur_seq);
+        *self.last.lock().unwrap() = Some(Seen { range: inv.range, event: inv.event, blockable: inv.blockable });
+        self.last_seq.store(inv.seq(), Ordering::SeqCst);
+        self.interval.set_seq(inv);
         self.calls.fetch_add(1, Ordering::SeqCst);
         true
     }
@@ -148,7 +156,7 @@ fn sequence_is_even_when_idle_and_odd_during_an_overlapping_invalidation() {
     assert_eq!(inv.seq(), during);
     assert_eq!(a.calls(), 1);
     assert_eq!(a.last_seq.load(Ordering::SeqCst), during);
-    assert_eq!(a.last(), Some(InvalidateRange { range: pages(4, 2), event: Event::Unmap, blockable: true }));
+    assert_eq!(a.last(), Some(Seen { range: pages(4, 2), event: Event::Unmap, blockable: true }));
     reg.invalidate_range_end(inv);
     assert_eq!(reg.seq(), before + 2);
     assert_eq!(a.calls(), 1, "end does not call back");

@@ -71,7 +71,25 @@ pub enum Event {
 }
 
 /// One invalidation as a callback sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// Only the registry makes one (its sequence is private), and it is neither
+/// `Clone` nor `Copy`: a callback can record the sequence of the invalidation
+/// it is in ([`Interval::set_seq`]) but cannot forge another one, or replay
+/// an old one later, to make a fault that raced an invalidation believe
+/// nothing happened. So safe code cannot get a stale frame committed by
+/// calling a notifier's callback or `set_seq` itself.
+///
+/// ```compile_fail
+/// # use hmm_core::{Event, InvalidateRange, VaRange};
+/// let forged = InvalidateRange { range: VaRange::all(), event: Event::Clear, blockable: true };
+/// ```
+/// ```compile_fail
+/// # use hmm_core::InvalidateRange;
+/// fn keep(inv: &InvalidateRange) -> InvalidateRange {
+///     inv.clone()
+/// }
+/// ```
+#[derive(Debug, PartialEq, Eq)]
 pub struct InvalidateRange {
     /// Addresses whose translations change.
     pub range: VaRange,
@@ -80,6 +98,19 @@ pub struct InvalidateRange {
     /// Whether the callback may wait (take a sleeping lock). When false (the
     /// OOM reaper's case), a callback that would have to wait returns false.
     pub blockable: bool,
+    /// The registry's (odd) sequence during this invalidation.
+    seq: u64,
+}
+
+impl InvalidateRange {
+    pub(crate) fn new(range: VaRange, event: Event, blockable: bool, seq: u64) -> Self {
+        Self { range, event, blockable, seq }
+    }
+
+    /// The registry's sequence during this invalidation (odd).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
 }
 
 /// A registered interval's state: its range and its sequence.
@@ -106,10 +137,10 @@ impl Interval {
         self.range
     }
 
-    /// Records that an invalidation with sequence `cur_seq` has run. Call it
-    /// from the callback, under the driver update lock, every time.
-    pub fn set_seq(&self, cur_seq: u64) {
-        self.seq.store(cur_seq, Ordering::Release);
+    /// Records that invalidation `inv` has run. Call it from the callback,
+    /// under the driver update lock, every time.
+    pub fn set_seq(&self, inv: &InvalidateRange) {
+        self.seq.store(inv.seq, Ordering::Release);
     }
 
     /// Whether the interval is registered (or pending registration).
@@ -128,11 +159,11 @@ pub trait Notifier: Sync {
     fn interval(&self) -> &Interval;
 
     /// Tears down device mappings of `inv.range` (clipped to the interval by
-    /// the callee as needed), calls `self.interval().set_seq(cur_seq)` under
+    /// the callee as needed), calls `self.interval().set_seq(inv)` under
     /// the driver update lock, and returns true. Returns false only when
     /// `inv.blockable` is false and it would have to wait.
     ///
     /// Must not allocate, must not wait on a fault-side lock, and must not
     /// call back into the registry.
-    fn invalidate(&self, inv: &InvalidateRange, cur_seq: u64) -> bool;
+    fn invalidate(&self, inv: &InvalidateRange) -> bool;
 }

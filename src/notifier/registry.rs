@@ -331,13 +331,13 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
             self.seq.store(seq, Ordering::Release);
             seq
         };
-        let inv = InvalidateRange { range, event, blockable };
+        let inv = InvalidateRange::new(range, event, blockable, cur_seq);
         let mut call = |e: &Entry| {
             // SAFETY: a registered notifier stays alive until its removal,
             // which waits while the sequence is odd, as it is until this
             // invalidation ends.
             let n = unsafe { e.notifier.as_ref() };
-            n.invalidate(&inv, cur_seq) || blockable
+            n.invalidate(&inv) || blockable
         };
         // SAFETY: this invalidation found an overlap and made the sequence
         // odd; it stays odd until this one ends, so the entries cannot change

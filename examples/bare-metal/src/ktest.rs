@@ -403,7 +403,7 @@ impl Notifier for Probe<'_> {
         &self.interval
     }
 
-    fn invalidate(&self, inv: &InvalidateRange, cur_seq: u64) -> bool {
+    fn invalidate(&self, inv: &InvalidateRange) -> bool {
         self.calls.fetch_add(1, Ordering::Relaxed);
         // SAFETY: we run inside an invalidation callback of `process`.
         let now = unsafe { self.process.translate_unlocked(inv.range.start()) }.map(|t| (t.frame, t.writable));
@@ -412,7 +412,7 @@ impl Notifier for Probe<'_> {
             self.violations.fetch_add(1, Ordering::Relaxed);
         }
         *self.last_event.lock() = Some(inv.event);
-        self.interval.set_seq(cur_seq);
+        self.interval.set_seq(inv);
         true
     }
 }
