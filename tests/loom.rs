@@ -961,6 +961,34 @@ unsafe fn drop_and_check<W: Waiter + 'static, L: RawLock + 'static>(
     loom_pte::exclusive(|| unsafe { reclaim(k) });
 }
 
+/// Two threads insert the same notifier into a registry at once (the bug the
+/// Mirror's own registration lock now also hides: the registry marked the
+/// interval registered after dropping its lock, so both inserts succeeded
+/// and the interval sat in the store twice). Exactly one insert succeeds.
+#[test]
+fn m5_double_insert() {
+    model("m5_double_insert", || {
+        let reg: &'static Registry = leak(Registry::new());
+        let probe: &'static Probe = leak(Probe::new());
+        // SAFETY (both): the probe outlives its registration (removed below).
+        let a = thread::spawn(move || unsafe { reg.insert(probe) }.map(|r| core::mem::ManuallyDrop::new(r)));
+        let b = thread::spawn(move || unsafe { reg.insert(probe) }.map(|r| core::mem::ManuallyDrop::new(r)));
+        let (ra, rb) = (a.join().unwrap(), b.join().unwrap());
+        assert_eq!(reg.len(), 1, "{} registry entries after a double insert", reg.len());
+        let won = match (ra, rb) {
+            (Ok(r), Err(Error::Busy)) | (Err(Error::Busy), Ok(r)) => r,
+            (ra, rb) => panic!("two inserts returned {:?} and {:?}", ra.map(|_| ()), rb.map(|_| ())),
+        };
+        core::mem::ManuallyDrop::into_inner(won).remove();
+        assert!(reg.is_empty() && !probe.interval.is_registered());
+        // SAFETY: all threads joined; nothing is registered any more.
+        unsafe {
+            reclaim(probe);
+            reclaim(reg);
+        }
+    });
+}
+
 /// Two threads register the same pinned mirror at once: exactly one gets
 /// `Ok`, the other `Busy`, and the registry holds the mirror once.
 #[test]
