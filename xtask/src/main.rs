@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask verify [--long]`.
 
+mod mutants;
 mod qemu;
 mod verify_tools;
 
@@ -62,7 +63,8 @@ fn test(root: &Path) -> Result<(), String> {
 }
 
 /// The deep checks: loom models, long model-based property tests, Miri on
-/// the raw-pointer code, and a bounded fuzzing run. `--long` explores more.
+/// the raw-pointer code, and a bounded fuzzing run. `--long` explores more
+/// and adds mutation testing (cargo-mutants) of the protocol files.
 fn verify(root: &Path, long: bool) -> Result<(), String> {
     let started = std::time::Instant::now();
     let mut summary = Vec::new();
@@ -84,6 +86,10 @@ fn verify(root: &Path, long: bool) -> Result<(), String> {
     summary.push(format!("model-based proptest: {cases} cases"));
     summary.push(verify_tools::miri(root, long)?);
     summary.push(verify_tools::fuzz(root, if long { 300 } else { 20 })?);
+    if long {
+        // Mutation testing of the protocol files (hours on two cores).
+        summary.push(mutants::mutants(root)?);
+    }
     println!("\n=== verify summary ({} s) ===", started.elapsed().as_secs());
     for line in &summary {
         println!("  {line}");
