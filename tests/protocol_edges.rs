@@ -1259,3 +1259,37 @@ fn two_removals_postponed_by_one_invalidation_both_apply_at_its_end() {
     reg.invalidate_range_end(inv);
     assert_eq!((calls(b), calls(c)), (1, 1));
 }
+
+/// `unregister` tells the device to drop everything (one `Release`
+/// invalidation of the whole mirror, then a flush) when the mirror held
+/// translations, and says nothing when it held none: the device must not keep
+/// a translation of a mirror that no invalidation reaches any more. (Drop
+/// empties the mirror through the same code.)
+///
+/// Kills `clear_device` -> `()`, and `> 0` -> `== 0` / `< 0` / `>= 0` in it.
+#[test]
+fn unregister_empties_the_device_exactly_when_it_maps_something() {
+    let (alloc, space) = kernel(16 * MIB);
+    let buf = range(0x4000_0000, 4 * PAGE);
+    space.map(buf.start(), 4 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
+    for mapped in [false, true] {
+        let m = pin!(common::mirror(&space, &alloc));
+        m.as_ref().register().unwrap();
+        if mapped {
+            hmm_testkit::dmirror::read(&m, buf.start(), 8).unwrap();
+            assert!(m.device().tlb_len() > 0, "the device cached a translation");
+        }
+        let before = m.device().events().len();
+        m.unregister().unwrap();
+        let new: Vec<_> = m.device().events()[before..].to_vec();
+        if mapped {
+            assert_eq!(new, vec![(common::user(), hmm_core::Event::Release)], "what unregister told the device");
+            assert_eq!(m.device().tlb_len(), 0, "the device TLB was flushed");
+        } else {
+            assert!(new.is_empty(), "unregister of an empty mirror told the device {new:?}");
+        }
+        assert_eq!(hmm_testkit::dmirror::read(&m, buf.start(), 8).err(), Some(hmm_core::Error::Unregistered));
+    }
+    drop(space);
+    assert_eq!(alloc.live(), 0);
+}
