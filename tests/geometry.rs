@@ -83,3 +83,95 @@ fn a_consistent_small_geometry_mirrors_without_aliasing() {
         Some(Error::OutOfRange)
     );
 }
+
+/// A consistent geometry with 8 KiB pages: `check_geometry` accepts it, but
+/// the mirror table (one 4 KiB frame per table, one entry per 4 KiB page)
+/// cannot hold it.
+struct Page8K;
+impl PagingGeometry for Page8K {
+    const LEVELS: usize = 3;
+    const PAGE_SHIFT: u32 = 13;
+    const INDEX_BITS: [u32; MAX_LEVELS] = [9; MAX_LEVELS];
+    const VA_BITS: u32 = 40;
+    const SIGN_EXTEND: bool = false;
+    const LEAF_LEVELS: u32 = 0b1;
+}
+
+/// Four levels of 256-entry tables over 44-bit addresses: smaller tables
+/// than a page holds, which the mirror table supports.
+struct Narrow;
+impl PagingGeometry for Narrow {
+    const LEVELS: usize = 4;
+    const PAGE_SHIFT: u32 = 12;
+    const INDEX_BITS: [u32; MAX_LEVELS] = [8; MAX_LEVELS];
+    const VA_BITS: u32 = 44;
+    const SIGN_EXTEND: bool = false;
+    const LEAF_LEVELS: u32 = 0b1;
+}
+
+#[test]
+fn a_consistent_geometry_the_table_cannot_hold_is_refused() {
+    assert!(check_geometry(3, 13, [9; MAX_LEVELS], 40, 0b1));
+    assert_eq!(MirrorTable::<Page8K>::check_geometry(), Err(Error::BadGeometry));
+    assert_eq!(MirrorTable::<Aliasing>::check_geometry(), Err(Error::BadGeometry));
+    assert_eq!(MirrorTable::<Small>::check_geometry(), Ok(()));
+}
+
+#[test]
+fn tables_smaller_than_a_page_mirror_correctly() {
+    assert_eq!(MirrorTable::<Narrow>::check_geometry(), Ok(()));
+    let (alloc, space) = kernel(16 * MIB);
+    let buf = 0x0abc_d000_0000;
+    space.map(buf, 2 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
+    let m = Mirror::<_, _, _, Narrow, SpinLock>::with_geometry(
+        &space,
+        &*alloc,
+        device(&space),
+        range(0, 1 << 44),
+        MirrorConfig::default(),
+    )
+    .unwrap();
+    let m = pin!(m);
+    m.as_ref().register().unwrap();
+    m.fault(range(buf, 2 * PAGE), true).unwrap();
+    let view = space.table_view();
+    for va in [buf, buf + PAGE] {
+        let e = m.translate(va).expect("mirrored");
+        assert_eq!(Some(e.frame()), view.translate(va).map(|t| t.0));
+    }
+    // Root plus one table per lower level.
+    assert_eq!(m.table_frames(), 4);
+}
+
+/// What a device walker does: start at `root()` and follow directory entries
+/// (bit 0 valid, frame in bits 12 and up) down to the leaf. The root is the
+/// table the mirror table allocated, and the walk finds what `lookup` finds.
+#[test]
+fn a_walk_from_the_root_finds_the_entries() {
+    use hmm_core::arch::x86_64::X86_64Level4 as L4;
+    use hmm_core::pt::MirrorEntry;
+    use hmm_core::PhysMem;
+    let (alloc, space) = kernel(16 * MIB);
+    let phys = &**space.sim_phys();
+    let before = alloc.live();
+    let mut t = MirrorTable::<L4>::new(phys, &*alloc).unwrap();
+    let root = t.root();
+    assert!(root != 0 && root % PAGE == 0 && alloc.live() == before + 1, "root {root:#x}");
+    let va = 0x7f12_3456_7000u64;
+    let frame = phys.base() + 42 * PAGE;
+    t.reserve(phys, &*alloc, range(va, PAGE)).unwrap();
+    t.set(phys, range(va, PAGE), &mut |_| Some(MirrorEntry::new(frame, true, 0)));
+    let mut table = root;
+    for level in (0..4).rev() {
+        let index = (va >> (12 + 9 * level)) & 511;
+        // SAFETY: `table` is a live table of `t` in simulated RAM; the entry is read atomically.
+        let raw = unsafe { core::sync::atomic::AtomicU64::from_ptr(phys.ptr(table + index * 8).cast::<u64>()) }
+            .load(core::sync::atomic::Ordering::Acquire);
+        assert_eq!(raw & 1, 1, "level {level} entry not valid");
+        table = raw & 0x000f_ffff_ffff_f000;
+    }
+    assert_eq!(table, frame);
+    assert_eq!(t.lookup(phys, va).map(|e| e.frame()), Some(frame));
+    t.destroy(phys, &*alloc);
+    assert_eq!(alloc.live(), before);
+}

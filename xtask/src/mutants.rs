@@ -49,6 +49,7 @@ const TESTS: &[&str] = &[
     // Deterministic counts, 0.1 s; a mutant that never gives up waiting
     // times out (caught) instead of passing.
     "retry_budget",
+    "geometry",
     "fault_injection",
 ];
 
