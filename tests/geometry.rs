@@ -156,7 +156,7 @@ fn a_walk_from_the_root_finds_the_entries() {
     let before = alloc.live();
     let mut t = MirrorTable::<L4>::new(phys, &*alloc).unwrap();
     let root = t.root();
-    assert!(root != 0 && root % PAGE == 0 && alloc.live() == before + 1, "root {root:#x}");
+    assert!(root != 0 && root.is_multiple_of(PAGE) && alloc.live() == before + 1, "root {root:#x}");
     let va = 0x7f12_3456_7000u64;
     let frame = phys.base() + 42 * PAGE;
     t.reserve(phys, &*alloc, range(va, PAGE)).unwrap();
