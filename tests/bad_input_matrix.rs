@@ -530,6 +530,7 @@ fn every_entry_point_rejects_bad_input_with_the_exact_error() {
         });
         assert!(!a.interval.is_registered());
         reg.release();
+        // SAFETY: `c` outlives `reg`; the insert fails, so nothing is kept.
         t.row("NotifierRegistry::insert: released", Err(Error::Released), &fp, &mut || unit(unsafe { reg.insert(&c) }));
         t.row("Registration::remove: control after release", Ok(()), &fp, &mut || {
             rb.take().expect("registered").remove();

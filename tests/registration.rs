@@ -26,6 +26,39 @@ assert_impl_all!(DevMirror<'static>: Send, Sync);
 assert_impl_all!(NotifierRegistry<FixedStore<4>>: Send, Sync);
 assert_impl_all!(NotifierRegistry<VecStore>: Send, Sync);
 assert_impl_all!(Registration<'static, FixedStore<4>>: Send, Sync);
+// A registration points into its registry: it may cross threads only when
+// the registry may be shared, i.e. over a `Sync` store.
+assert_not_impl_any!(Registration<'static, CellStore>: Send, Sync);
+assert_not_impl_any!(NotifierRegistry<CellStore>: Sync);
+
+/// A store with unsynchronised interior mutability (`Send`, not `Sync`).
+#[derive(Default)]
+struct CellStore {
+    inner: FixedStore<4>,
+    reads: Cell<u64>,
+}
+
+impl hmm_core::notifier::EntryStore for CellStore {
+    fn entries(&self) -> &[hmm_core::notifier::Entry] {
+        self.reads.set(self.reads.get() + 1);
+        self.inner.entries()
+    }
+    fn entries_mut(&mut self) -> &mut [hmm_core::notifier::Entry] {
+        self.inner.entries_mut()
+    }
+    fn insert(&mut self, i: usize, e: hmm_core::notifier::Entry) -> Result<(), hmm_core::notifier::Entry> {
+        self.inner.insert(i, e)
+    }
+    fn remove(&mut self, i: usize) -> hmm_core::notifier::Entry {
+        self.inner.remove(i)
+    }
+    fn room(&self) -> Option<usize> {
+        self.inner.room()
+    }
+    fn spare(&self) -> usize {
+        self.inner.spare()
+    }
+}
 // A lock cell shares its data by exclusive turns: `Send` data suffices...
 assert_impl_all!(LockCell<SpinLock, Cell<u64>>: Sync);
 // ...but a guard hands out `&T` to whoever holds `&guard`, and is released

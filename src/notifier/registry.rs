@@ -360,7 +360,8 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
         {
             let mut state = self.active.lock();
             state.active -= 1;
-            self.ended.fetch_add(1, Ordering::Release);
+            // Only changed under `active`: a plain increment, no RMW.
+            self.ended.store(self.ended.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
             let seq = self.seq.load(Ordering::Relaxed);
             if state.active == 0 && seq & 1 == 1 {
                 let deferred = core::mem::take(&mut state.deferred);

@@ -13,11 +13,9 @@
 //! Environment: `HMM_MUTANTS_FILES` (comma-separated) replaces [`FILES`] for
 //! a partial run; `HMM_MUTANTS_JOBS` sets cargo-mutants' `--jobs` (default 1).
 
-use std::io::{BufRead, BufReader, Read};
+use crate::verify_tools::run_captured;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 /// Files whose mutants are tested.
@@ -94,9 +92,8 @@ pub fn mutants(root: &Path) -> Result<String, String> {
         .is_ok_and(|s| s.success());
     if !have {
         println!("verify: installing cargo-mutants (a few minutes)");
-        let (status, _) =
-            run_limited(root, "cargo", &["install", "cargo-mutants", "--locked"].map(String::from), INSTALL_LIMIT)?;
-        if status != Some(0) {
+        let out = run_captured(root, "cargo", &["install", "cargo-mutants", "--locked"], &[], INSTALL_LIMIT)?;
+        if !out.success() {
             return Err("cargo install cargo-mutants --locked failed".to_string());
         }
     }
@@ -109,7 +106,12 @@ pub fn mutants(root: &Path) -> Result<String, String> {
     let args = command(&files, &jobs, out_dir.to_str().ok_or("non-UTF-8 repository path")?, |t| {
         root.join("tests").join(format!("{t}.rs")).exists()
     });
-    let (status, _) = run_limited(root, "cargo", &args, RUN_LIMIT)?;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_captured(root, "cargo", &argv, &[], RUN_LIMIT)?;
+    if let Some(limit) = out.timed_out {
+        return Err(format!("cargo mutants timed out after {} s", limit.as_secs()));
+    }
+    let status = out.status.and_then(|s| s.code());
     // 0: all caught, 2: some missed, 3: some timed out; 4 is a failing
     // baseline, 1 a usage error.
     match status {
@@ -262,60 +264,6 @@ impl Score {
             self.unviable
         )
     }
-}
-
-/// Runs a command in its own process group, echoing its output; past
-/// `limit` the whole group is killed. Returns the exit code (None if killed
-/// or timed out) and the output.
-fn run_limited(dir: &Path, program: &str, args: &[String], limit: Duration) -> Result<(Option<i32>, String), String> {
-    println!("verify: {program} {}", args.join(" "));
-    let mut cmd = Command::new(program);
-    cmd.args(args).current_dir(dir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    #[cfg(unix)]
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {program}: {e}"))?;
-    let text = Arc::new(Mutex::new(String::new()));
-    let readers = [echo(child.stdout.take(), &text), echo(child.stderr.take(), &text)];
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status.code(),
-            Ok(None) if Instant::now() >= deadline => {
-                #[cfg(unix)]
-                {
-                    let group = format!("-{}", child.id());
-                    let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
-                    thread::sleep(Duration::from_secs(2));
-                    let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{program} {} timed out after {} s", args.join(" "), limit.as_secs()));
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(500)),
-            Err(e) => return Err(format!("waiting for {program}: {e}")),
-        }
-    };
-    for r in readers.into_iter().flatten() {
-        let _ = r.join();
-    }
-    let text = std::mem::take(&mut *text.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok((status, text))
-}
-
-fn echo(pipe: Option<impl Read + Send + 'static>, into: &Arc<Mutex<String>>) -> Option<thread::JoinHandle<()>> {
-    let pipe = pipe?;
-    let into = into.clone();
-    Some(thread::spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut line = Vec::new();
-        while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
-            let s = String::from_utf8_lossy(&line);
-            print!("{s}");
-            into.lock().unwrap_or_else(|e| e.into_inner()).push_str(&s);
-            line.clear();
-        }
-    }))
 }
 
 #[cfg(test)]

@@ -291,14 +291,14 @@ fn ensure_nightly(components: &[&str]) -> Result<(), String> {
 }
 
 /// Output of a finished command (stdout and stderr interleaved by line).
-struct Captured {
-    status: Option<ExitStatus>,
-    timed_out: Option<Duration>,
-    text: String,
+pub(crate) struct Captured {
+    pub(crate) status: Option<ExitStatus>,
+    pub(crate) timed_out: Option<Duration>,
+    pub(crate) text: String,
 }
 
 impl Captured {
-    fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.timed_out.is_none() && self.status.is_some_and(|s| s.success())
     }
 
@@ -324,7 +324,7 @@ fn run_checked(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)], l
 
 /// Runs a command in its own process group, echoing and capturing its
 /// output; past `limit` the whole group is killed.
-fn run_captured(
+pub(crate) fn run_captured(
     dir: &Path,
     program: &str,
     args: &[&str],
