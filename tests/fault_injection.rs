@@ -24,14 +24,12 @@
 
 mod common;
 
+use common::hooked::{Hooked, Hooks};
 use common::*;
-use hmm_core::arch::x86_64::X86_64Level4;
-use hmm_core::notifier::VecStore;
 use hmm_core::pt::Pfn;
-use hmm_core::sync::SpinWait;
-use hmm_core::{AddressSpace, Error, Mirror, MirrorConfig, NotifierRegistry, Region, Result, VaRange};
+use hmm_core::{Error, Mirror, MirrorConfig, Result, VaRange};
 use hmm_testkit::dmirror;
-use hmm_testkit::{CountingAllocator, ModelReadGuard, ModelSpace, RegionKind, SimPhys, TableView};
+use hmm_testkit::{CountingAllocator, ModelSpace, RegionKind, TableView};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,62 +49,29 @@ fn span() -> VaRange {
     range(SPAN_START, SPAN_PAGES * PAGE)
 }
 
-/// The model kernel, with its fault handler failing at the `fail_at`-th call.
-struct Faulty<'a> {
-    inner: &'a ModelSpace,
+/// The model kernel's fault handler failing at the `fail_at`-th call.
+struct Faulty {
     calls: AtomicU64,
     /// 0: never.
     fail_at: AtomicU64,
     error: Error,
 }
 
-impl<'a> Faulty<'a> {
-    fn new(inner: &'a ModelSpace, fail_at: u64, error: Error) -> Self {
-        Self { inner, calls: AtomicU64::new(0), fail_at: AtomicU64::new(fail_at), error }
-    }
+fn faulty(inner: &ModelSpace, fail_at: u64, error: Error) -> Hooked<'_, Faulty> {
+    Hooked::new(inner, Faulty { calls: AtomicU64::new(0), fail_at: AtomicU64::new(fail_at), error })
 }
 
-// SAFETY: every obligation is delegated to the model kernel, whose root,
-// tables, read lock and registry these are; a failing `handle_fault` changes
-// nothing.
-unsafe impl<'a> AddressSpace for Faulty<'a> {
-    type Format = X86_64Level4;
-    type Phys = SimPhys;
-    type Store = VecStore;
-    type Wait = SpinWait;
-    type ReadGuard<'g>
-        = ModelReadGuard<'g>
-    where
-        Self: 'g;
-
-    fn phys(&self) -> &SimPhys {
-        self.inner.phys()
-    }
-    fn root(&self) -> u64 {
-        self.inner.root()
-    }
-    fn notifiers(&self) -> &NotifierRegistry<VecStore, SpinWait> {
-        self.inner.notifiers()
-    }
-    fn read_lock(&self) -> ModelReadGuard<'_> {
-        self.inner.read_lock()
-    }
-    fn region<'g>(&'g self, guard: &ModelReadGuard<'g>, va: u64) -> Option<Region> {
-        self.inner.region(guard, va)
-    }
-    fn handle_fault<'g>(&'g self, guard: &ModelReadGuard<'g>, r: VaRange, write: bool) -> Result<()> {
+impl Hooks for Faulty {
+    fn handle_fault(&self, _r: VaRange, _write: bool) -> Result<()> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         if n == self.fail_at.load(Ordering::Relaxed) {
             return Err(self.error);
         }
-        self.inner.handle_fault(guard, r, write)
-    }
-    fn zero_frame(&self) -> Option<u64> {
-        self.inner.zero_frame()
+        Ok(())
     }
 }
 
-type FMirror<'s> = Mirror<'s, Faulty<'s>, Dev, CountingAllocator>;
+type FMirror<'s> = Mirror<'s, Hooked<'s, Faulty>, Dev, CountingAllocator>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Inject {
@@ -118,7 +83,7 @@ enum Inject {
 
 struct Run<'s> {
     space: &'s ModelSpace,
-    fs: &'s Faulty<'s>,
+    fs: &'s Hooked<'s, Faulty>,
     alloc: &'s Arc<CountingAllocator>,
     inject: Inject,
     m: Option<Pin<Box<FMirror<'s>>>>,
@@ -225,7 +190,7 @@ fn run(inject: Inject) -> Outcome {
         Inject::Handler(k, e) => (k, e),
         _ => (0, Error::Fault),
     };
-    let fs = Faulty::new(&space, handler_at, handler_err);
+    let fs = faulty(&space, handler_at, handler_err);
     let mut out = Outcome::default();
     {
         let mut run =
@@ -260,7 +225,7 @@ fn run(inject: Inject) -> Outcome {
             Inject::None => false,
             Inject::Alloc(_) => alloc.injected_failures() > injected_before,
             Inject::Update(k) => run.mirror().device().counters().updates >= k,
-            Inject::Handler(k, _) => fs.calls.load(Ordering::Relaxed) >= k,
+            Inject::Handler(k, _) => fs.hooks.calls.load(Ordering::Relaxed) >= k,
         };
         alloc.clear_failures();
         if let Some(m) = &run.m {

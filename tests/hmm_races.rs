@@ -5,14 +5,12 @@
 
 mod common;
 
+use common::hooked::{Hooked, Hooks};
 use common::*;
 use core::pin::pin;
-use hmm_core::arch::x86_64::X86_64Level4;
-use hmm_core::notifier::VecStore;
-use hmm_core::sync::SpinWait;
-use hmm_core::{AddressSpace, Error, Event, Mirror, MirrorConfig, NotifierRegistry, Region, Result, VaRange};
+use hmm_core::{AddressSpace, Error, Event, Mirror, MirrorConfig, VaRange};
 use hmm_testkit::dmirror::{self, DummyDevice};
-use hmm_testkit::{ModelReadGuard, ModelSpace, RegionKind, SimPhys};
+use hmm_testkit::{ModelSpace, RegionKind, SimPhys};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
@@ -30,9 +28,8 @@ enum Step {
 
 type Action = Box<dyn FnOnce(&ModelSpace) + Send>;
 
-/// The model kernel with a change injected at one step of the next fault.
-struct Injecting<'a> {
-    inner: &'a ModelSpace,
+/// A change injected at one step of the next fault of the model kernel.
+struct Injecting {
     step: Step,
     action: Mutex<Option<Action>>,
     /// Invalidate the registry at every walk (a never-ending invalidator).
@@ -40,83 +37,48 @@ struct Injecting<'a> {
     storms: AtomicU32,
 }
 
-impl<'a> Injecting<'a> {
-    fn new(inner: &'a ModelSpace, step: Step, action: Option<Action>) -> Self {
-        Self { inner, step, action: Mutex::new(action), storm: AtomicBool::new(false), storms: AtomicU32::new(0) }
-    }
+fn injecting(inner: &ModelSpace, step: Step, action: Option<Action>) -> Hooked<'_, Injecting> {
+    Hooked::new(
+        inner,
+        Injecting { step, action: Mutex::new(action), storm: AtomicBool::new(false), storms: AtomicU32::new(0) },
+    )
+}
 
-    fn fire(&self, at: Step) {
+impl Injecting {
+    fn fire(&self, inner: &ModelSpace, at: Step) {
         if at == self.step {
             if let Some(action) = self.action.lock().unwrap().take() {
-                action(self.inner);
+                action(inner);
             }
         }
     }
 }
 
-struct Guard<'a> {
-    inner: Option<ModelReadGuard<'a>>,
-    owner: &'a Injecting<'a>,
-}
-
-impl Drop for Guard<'_> {
-    fn drop(&mut self) {
-        drop(self.inner.take());
-        self.owner.fire(Step::After);
+// The injected actions go through the model kernel's own mutations, which
+// invalidate first.
+impl Hooks for Injecting {
+    fn before_read_lock(&self, inner: &ModelSpace) {
+        self.fire(inner, Step::Before);
     }
-}
-
-// SAFETY: every obligation is delegated to the model kernel, whose tables,
-// lock and registry these are; the injected actions go through its own
-// mutations, which invalidate first.
-unsafe impl<'a> AddressSpace for Injecting<'a> {
-    type Format = X86_64Level4;
-    type Phys = SimPhys;
-    type Store = VecStore;
-    type Wait = SpinWait;
-    type ReadGuard<'g>
-        = Guard<'g>
-    where
-        Self: 'g;
-
-    fn phys(&self) -> &SimPhys {
-        self.inner.phys()
+    fn after_read_unlock(&self, inner: &ModelSpace) {
+        self.fire(inner, Step::After);
     }
-    fn root(&self) -> u64 {
-        self.inner.root()
-    }
-    fn notifiers(&self) -> &NotifierRegistry<VecStore, SpinWait> {
-        self.inner.notifiers()
-    }
-    fn read_lock(&self) -> Guard<'_> {
-        self.fire(Step::Before);
-        // SAFETY-free lifetime juggling: `Guard<'_>` borrows `self`.
-        Guard { inner: Some(self.inner.read_lock()), owner: self }
-    }
-    fn region<'g>(&'g self, guard: &Guard<'g>, va: u64) -> Option<Region> {
+    fn region(&self, inner: &ModelSpace, va: u64) {
         if self.storm.load(Ordering::Relaxed) {
             self.storms.fetch_add(1, Ordering::Relaxed);
-            let inv =
-                self.inner.notifiers().invalidate_range_start(range(va & !0xfff, PAGE), Event::Clear, true).unwrap();
-            self.inner.notifiers().invalidate_range_end(inv);
+            let inv = inner.notifiers().invalidate_range_start(range(va & !0xfff, PAGE), Event::Clear, true).unwrap();
+            inner.notifiers().invalidate_range_end(inv);
         }
         if self.step == Step::During {
             if let Some(action) = self.action.lock().unwrap().take() {
                 // Run the change for real on another thread: it blocks on the
                 // write lock until this walk lets go, landing between the walk
                 // and the commit (or later).
-                let inner: &'static ModelSpace = unsafe_extend(self.inner);
+                let inner: &'static ModelSpace = unsafe_extend(inner);
                 let t = std::thread::spawn(move || action(inner));
                 *PENDING.lock().unwrap() = Some(t);
             }
         }
-        self.inner.region(guard.inner.as_ref().unwrap(), va)
-    }
-    fn handle_fault<'g>(&'g self, guard: &Guard<'g>, r: VaRange, write: bool) -> Result<()> {
-        self.inner.handle_fault(guard.inner.as_ref().unwrap(), r, write)
-    }
-    fn zero_frame(&self) -> Option<u64> {
-        self.inner.zero_frame()
     }
 }
 
@@ -137,7 +99,7 @@ fn join_pending() {
     }
 }
 
-type InjMirror<'s> = Mirror<'s, Injecting<'s>, DummyDevice<SimPhys>, hmm_testkit::CountingAllocator>;
+type InjMirror<'s> = Mirror<'s, Hooked<'s, Injecting>, DummyDevice<SimPhys>, hmm_testkit::CountingAllocator>;
 
 fn assert_coherent(m: &InjMirror<'_>, space: &ModelSpace, r: VaRange) {
     let view = space.table_view();
@@ -188,7 +150,7 @@ fn fault_racing_invalidation_never_installs_a_stale_frame() {
                     space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
                     space.write_bytes(BUF, &pattern(LEN as usize, 1)).unwrap();
                     {
-                        let inj = Injecting::new(&space, step, Some(make()));
+                        let inj = injecting(&space, step, Some(make()));
                         let m: InjMirror<'_> =
                             Mirror::new(&inj, &*alloc, device(&space), user(), MirrorConfig::default()).unwrap();
                         let m = pin!(m);
@@ -232,18 +194,18 @@ fn retry_budget_returns_busy_then_succeeds_when_invalidations_stop() {
     let (alloc, space) = kernel(16 * MIB);
     space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
     {
-        let inj = Injecting::new(&space, Step::Before, None);
+        let inj = injecting(&space, Step::Before, None);
         let config = MirrorConfig { max_retries: 8, ..MirrorConfig::default() };
         let m: InjMirror<'_> = Mirror::new(&inj, &*alloc, device(&space), user(), config).unwrap();
         let m = pin!(m);
         m.as_ref().register().unwrap();
-        inj.storm.store(true, Ordering::Relaxed);
+        inj.hooks.storm.store(true, Ordering::Relaxed);
         assert_eq!(m.fault(range(BUF, LEN), true), Err(Error::Busy));
         // The first attempt faults the pages in (a free retry: progress), then
         // eight counted retries, and the ninth collision gives up.
         assert_eq!(m.stats().retries, 1 + 9, "budget of 8 retries, the 9th collision gives up");
         assert_eq!(m.translate(BUF), None, "nothing installed");
-        inj.storm.store(false, Ordering::Relaxed);
+        inj.hooks.storm.store(false, Ordering::Relaxed);
         m.fault(range(BUF, LEN), true).unwrap();
         assert!(m.translate(BUF).is_some());
         assert_coherent(&m, &space, range(BUF, LEN));
@@ -262,12 +224,12 @@ fn retry_budget_by_clock() {
     let (alloc, space) = kernel(16 * MIB);
     space.map(BUF, LEN, RW, RegionKind::PrivateAnon).unwrap();
     {
-        let inj = Injecting::new(&space, Step::Before, None);
+        let inj = injecting(&space, Step::Before, None);
         let config = MirrorConfig { max_retries: u32::MAX, clock: Some(clock), max_ticks: 5, owner: None };
         let m: InjMirror<'_> = Mirror::new(&inj, &*alloc, device(&space), user(), config).unwrap();
         let m = pin!(m);
         m.as_ref().register().unwrap();
-        inj.storm.store(true, Ordering::Relaxed);
+        inj.hooks.storm.store(true, Ordering::Relaxed);
         assert_eq!(m.fault(range(BUF, LEN), false), Err(Error::Busy));
         assert!(m.stats().retries >= 4);
     }

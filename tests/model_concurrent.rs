@@ -8,12 +8,13 @@
 //! lands *inside* it. Here the kernel operations run in the middle of device
 //! operations, chosen by a deterministic scheduler:
 //!
-//! - the mirror runs over [`Sched`], an `AddressSpace` that delegates to the
-//!   model kernel and calls a scheduling point at three places: before each
-//!   device operation (`Between`), when the fault loop takes the read lock
-//!   for its walk, after `read_begin` (`Before`), and when the walk dropped
-//!   the read lock, before the fault takes its update lock and checks the
-//!   sequence (`After`: the window the retry protocol exists for);
+//! - the mirror runs over the model kernel wrapped in `common::hooked`, with
+//!   [`Sched`] as its hooks: every call is delegated, and [`Sched`] calls a
+//!   scheduling point at three places: before each device operation
+//!   (`Between`), when the fault loop takes the read lock for its walk,
+//!   after `read_begin` (`Before`), and when the walk dropped the read lock,
+//!   before the fault takes its update lock and checks the sequence
+//!   (`After`: the window the retry protocol exists for);
 //! - at each scheduling point the next generated step says how many queued
 //!   kernel operations run right there (0 to 3). Same input, same
 //!   interleaving, and proptest shrinks it like any other input.
@@ -40,15 +41,14 @@
 
 mod common;
 
+use common::hooked::{Hooked, Hooks};
 use common::*;
 use core::pin::pin;
 use hmm_core::arch::x86_64::X86_64Level4;
-use hmm_core::notifier::VecStore;
 use hmm_core::pt::Pfn;
-use hmm_core::sync::SpinWait;
-use hmm_core::{AddressSpace, Error, Mirror, MirrorConfig, NotifierRegistry, Region, RegionFlags, VaRange};
+use hmm_core::{AddressSpace, Error, Mirror, MirrorConfig, RegionFlags, VaRange};
 use hmm_testkit::dmirror;
-use hmm_testkit::{CountingAllocator, ModelReadGuard, ModelSpace, RegionKind, SimFile, SimPhys, TableView};
+use hmm_testkit::{CountingAllocator, ModelSpace, RegionKind, SimFile, TableView};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
 use std::collections::{BTreeSet, VecDeque};
@@ -612,8 +612,8 @@ struct State {
     trace: Vec<String>,
 }
 
-/// The model kernel as the mirror sees it: every call is delegated, and the
-/// scheduling points run queued kernel operations (see the module doc).
+/// The hooks of the model kernel as the mirror sees it: the scheduling
+/// points run queued kernel operations (see the module doc).
 struct Sched<'a> {
     inner: &'a ModelSpace,
     view: TableView,
@@ -623,7 +623,7 @@ struct Sched<'a> {
     mirror: AtomicPtr<()>,
 }
 
-type SMirror<'s, 'a> = AnyMirror<'s, Sched<'a>>;
+type SMirror<'s, 'a> = AnyMirror<'s, Hooked<'a, Sched<'a>>>;
 
 /// Detaches the mirror from its scheduler when dropped (before the mirror).
 struct Attached<'x, 'a>(&'x Sched<'a>);
@@ -744,55 +744,15 @@ impl<'a> Sched<'a> {
     }
 }
 
-/// The read guard: the model's, plus the `After` scheduling point on drop.
-struct Guard<'g, 'a> {
-    inner: Option<ModelReadGuard<'g>>,
-    owner: &'g Sched<'a>,
-}
-
-impl Drop for Guard<'_, '_> {
-    fn drop(&mut self) {
-        drop(self.inner.take());
-        self.owner.fire(At::After);
-    }
-}
-
-// SAFETY: every obligation is the model kernel's, whose tables, lock and
-// registry these are (delegated unchanged). The scheduling points run kernel
-// operations only while no read guard of this space is held (before the
-// model's read lock is taken, after it was dropped), through the model's own
-// mutations, which take its write lock and invalidate as the contract asks.
-unsafe impl<'a> AddressSpace for Sched<'a> {
-    type Format = X86_64Level4;
-    type Phys = SimPhys;
-    type Store = VecStore;
-    type Wait = SpinWait;
-    type ReadGuard<'g>
-        = Guard<'g, 'a>
-    where
-        Self: 'g;
-
-    fn phys(&self) -> &SimPhys {
-        self.inner.phys()
-    }
-    fn root(&self) -> u64 {
-        self.inner.root()
-    }
-    fn notifiers(&self) -> &NotifierRegistry<VecStore, SpinWait> {
-        self.inner.notifiers()
-    }
-    fn read_lock(&self) -> Guard<'_, 'a> {
+// The scheduling points run kernel operations only while no read guard of
+// the space is held (before the model's read lock is taken, after it was
+// dropped).
+impl Hooks for Sched<'_> {
+    fn before_read_lock(&self, _inner: &ModelSpace) {
         self.fire(At::Before);
-        Guard { inner: Some(self.inner.read_lock()), owner: self }
     }
-    fn region<'g>(&'g self, guard: &Guard<'g, 'a>, va: u64) -> Option<Region> {
-        self.inner.region(guard.inner.as_ref().expect("live guard"), va)
-    }
-    fn handle_fault<'g>(&'g self, guard: &Guard<'g, 'a>, r: VaRange, write: bool) -> hmm_core::Result<()> {
-        self.inner.handle_fault(guard.inner.as_ref().expect("live guard"), r, write)
-    }
-    fn zero_frame(&self) -> Option<u64> {
-        self.inner.zero_frame()
+    fn after_read_unlock(&self, _inner: &ModelSpace) {
+        self.fire(At::After);
     }
 }
 
@@ -817,9 +777,10 @@ fn run_case(case: &Case) -> Result<(), String> {
     {
         let space = ModelSpace::new(&alloc).map_err(|e| format!("space: {e:?}"))?;
         set_up(&space, case.layout)?;
-        let sched = Sched::new(&space, case);
+        let hooked = Hooked::new(&space, Sched::new(&space, case));
+        let sched = &hooked.hooks;
         {
-            let m: SMirror<'_, '_> = Mirror::new(&sched, &*alloc, device(&space), user(), MirrorConfig::default())
+            let m: SMirror<'_, '_> = Mirror::new(&hooked, &*alloc, device(&space), user(), MirrorConfig::default())
                 .map_err(|e| format!("Mirror::new: {e:?}"))?;
             let m = pin!(m);
             m.as_ref().register().map_err(|e| format!("register: {e:?}"))?;
@@ -845,7 +806,7 @@ fn run_case(case: &Case) -> Result<(), String> {
             RETRIES.fetch_add(m.stats().retries, Ordering::Relaxed);
         }
         // Fork children, then the space, after the mirror.
-        drop(sched);
+        drop(hooked);
     }
     match alloc.live() {
         0 => Ok(()),

@@ -2,6 +2,7 @@
 //! whose every access is checked against the CPU tables, and a mirror.
 #![allow(dead_code)]
 
+pub mod hooked;
 pub mod watchdog;
 
 use hmm_core::arch::x86_64::X86_64Level4;
