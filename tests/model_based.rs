@@ -103,23 +103,6 @@ enum MapKind {
     Io,
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Perm {
-    Rw,
-    R,
-    None,
-}
-
-impl Perm {
-    fn flags(self) -> RegionFlags {
-        match self {
-            Perm::Rw => RW,
-            Perm::R => R,
-            Perm::None => RegionFlags::empty(),
-        }
-    }
-}
-
 #[derive(Clone, Debug)]
 enum Op {
     Map {

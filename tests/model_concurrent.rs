@@ -124,23 +124,6 @@ enum Kind {
     SharedFile,
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Perm {
-    Rw,
-    R,
-    None,
-}
-
-impl Perm {
-    fn flags(self) -> RegionFlags {
-        match self {
-            Perm::Rw => RW,
-            Perm::R => R,
-            Perm::None => RegionFlags::empty(),
-        }
-    }
-}
-
 /// What the kernel (the CPU side) does.
 #[derive(Clone, Debug)]
 enum KOp {

@@ -21,6 +21,24 @@ pub const USER_END: u64 = 1 << 47;
 pub type Dev = DummyDevice<SimPhys>;
 pub type DevMirror<'s, S = ModelSpace> = Mirror<'s, S, Dev, CountingAllocator>;
 
+/// A region permission for generated operations.
+#[derive(Clone, Copy, Debug)]
+pub enum Perm {
+    Rw,
+    R,
+    None,
+}
+
+impl Perm {
+    pub fn flags(self) -> RegionFlags {
+        match self {
+            Perm::Rw => RW,
+            Perm::R => R,
+            Perm::None => RegionFlags::empty(),
+        }
+    }
+}
+
 /// A 4-level range that must be valid.
 pub fn range(start: u64, len: u64) -> VaRange {
     VaRange::new::<X86_64Level4>(start, len).expect("valid range")
