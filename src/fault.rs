@@ -18,7 +18,7 @@ use core::ops::ControlFlow;
 
 /// How many times in a row the kernel's fault handler may leave the same page
 /// missing before the page is reported as [`Error::Fault`] instead of looping.
-const MAX_FAULTS_WITHOUT_PROGRESS: u32 = 8;
+pub(crate) const MAX_FAULTS_WITHOUT_PROGRESS: u32 = 8;
 
 /// What to fault and where to put the result.
 #[derive(Debug)]
@@ -233,13 +233,15 @@ fn fill_region<S: AddressSpace>(
     }
 }
 
-enum Class {
+/// What a device may do with one CPU entry.
+pub(crate) enum Class {
     Valid { frame: u64, write: bool },
     Error,
     Missing,
 }
 
-fn classify(entry: PteView, owner: Option<u16>) -> Class {
+/// Classifies a CPU entry for a device of `owner`.
+pub(crate) fn classify(entry: PteView, owner: Option<u16>) -> Class {
     match entry {
         PteView::Leaf { frame, flags } if flags.contains(LeafFlags::USER) => {
             Class::Valid { frame, write: flags.contains(LeafFlags::WRITE) }

@@ -113,6 +113,12 @@ impl VaRange {
         (start <= last).then_some(VaRange { start, last })
     }
 
+    /// The smallest range holding both.
+    #[inline]
+    pub fn hull(&self, other: &VaRange) -> VaRange {
+        VaRange { start: self.start.min(other.start), last: self.last.max(other.last) }
+    }
+
     /// The whole 64-bit space (`0 ..= u64::MAX`): what a teardown invalidates.
     /// Valid for no paging mode; use it only for invalidations.
     pub const fn all() -> Self {

@@ -12,10 +12,11 @@ mod common;
 
 use common::*;
 use core::pin::pin;
+use hmm_core::arch::soft::SoftFormat;
 use hmm_core::arch::x86_64::{X86_64Level4, X86_64Level5};
 use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry, MAX_LEVELS};
 use hmm_core::notifier::FixedStore;
-use hmm_core::pt::{MirrorEntry, MirrorTable, Pfn, Span};
+use hmm_core::pt::{MapError, MirrorEntry, MirrorTable, Pfn, Reclaim, Span};
 use hmm_core::sync::SpinLock;
 use hmm_core::{
     range_fault, AddressSpace, BitmapFrameAllocator, Error, Event, Interval, InvalidateRange, Mirror, MirrorConfig,
@@ -421,7 +422,7 @@ fn every_entry_point_rejects_bad_input_with_the_exact_error() {
         ];
         for &(name, r, want) in geometry_rows {
             t.row(&format!("Mirror::with_geometry::<Device39>: {name}"), want, &fp, &mut || {
-                unit(Mirror::<_, _, _, Device39, SpinLock>::with_geometry(
+                unit(Mirror::<_, _, _, SoftFormat<Device39>, SpinLock>::with_format(
                     &space,
                     &*alloc,
                     device(&space),
@@ -432,7 +433,7 @@ fn every_entry_point_rejects_bad_input_with_the_exact_error() {
         }
         // The table cannot hold 16 KiB pages at all: refused before the range.
         t.row("Mirror::with_geometry::<Device16K>: any range", Err(Error::BadGeometry), &fp, &mut || {
-            unit(Mirror::<_, _, _, Device16K, SpinLock>::with_geometry(
+            unit(Mirror::<_, _, _, SoftFormat<Device16K>, SpinLock>::with_format(
                 &space,
                 &*alloc,
                 device(&space),
@@ -538,32 +539,41 @@ fn every_entry_point_rejects_bad_input_with_the_exact_error() {
         });
         assert!(reg.is_empty());
 
-        // ---- MirrorTable::new / reserve ------------------------------------
+        // ---- MirrorTable::new / TableWriter::map --------------------------
         t.row("MirrorTable::new: exhausted allocator", Err(Error::NoMemory), &fp, &mut || {
             alloc.fail_after(0);
             let r = MirrorTable::<L4>::new(phys, &*alloc);
             alloc.clear_failures();
-            r.map(|t| t.destroy(phys, &*alloc))
+            r.map(|(t, w)| w.destroy(&t, phys, &*alloc))
         });
         let bits: [AtomicU64; 1] = Default::default();
         let empty = BitmapFrameAllocator::new(0x4000_0000, 0, &bits).unwrap();
         t.row("MirrorTable::new: allocator with no frame", Err(Error::NoMemory), &fp, &mut || {
-            MirrorTable::<L4>::new(phys, &empty).map(|t| t.destroy(phys, &empty))
+            MirrorTable::<L4>::new(phys, &empty).map(|(t, w)| w.destroy(&t, phys, &empty))
         });
         for k in 1..=3 {
             t.row(
-                &format!("MirrorTable::reserve: allocator fails at directory {k}"),
+                &format!("TableWriter::map: allocator fails at directory {k}"),
                 Err(Error::NoMemory),
                 &fp,
                 &mut || {
-                    let mut table = MirrorTable::<L4>::new(phys, &*alloc)?;
+                    let (table, mut w) = MirrorTable::<L4>::new(phys, &*alloc)?;
                     alloc.fail_at(k);
-                    let r = table.reserve(phys, &*alloc, r4(0x7f00_0000_0000, PAGE));
+                    let page = r4(0x7f00_0000_0000, PAGE);
+                    let r = w.map(phys, &*alloc, page, 0x4000_0000, true);
                     alloc.clear_failures();
-                    let frames = table.table_frames();
-                    table.destroy(phys, &*alloc);
-                    assert_eq!(frames, 1, "a failed reserve keeps no directory");
-                    r
+                    // The directories the failed descent linked go only after
+                    // a clear and a (here: no) device flush.
+                    let mut reclaim = Reclaim::new();
+                    assert_eq!(w.clear(phys, page, &mut reclaim).entries, 0);
+                    w.reclaim(&table, &*alloc, &mut reclaim);
+                    let frames = w.stats().frames;
+                    w.destroy(&table, phys, &*alloc);
+                    assert_eq!(frames, 1, "no directory left after the failed map is cleared");
+                    match r {
+                        Err(MapError::Failed(e)) => Err(e),
+                        other => panic!("{other:?}"),
+                    }
                 },
             );
         }
@@ -653,7 +663,7 @@ fn device_geometry_with_16k_pages() {
     for i in 0..8 {
         space.write_bytes(BUF + i * PAGE, &[i as u8 + 1]).unwrap();
     }
-    let m = Mirror::<_, _, _, Device16K, SpinLock>::with_geometry(
+    let m = Mirror::<_, _, _, SoftFormat<Device16K>, SpinLock>::with_format(
         &space,
         &*alloc,
         device(&space),
@@ -679,33 +689,32 @@ fn device_geometry_with_16k_pages() {
         "mirrored to the wrong frame: {wrong:x?}; unregister without a panic: {torn_down}"
     );
     // The table alone, at an index a 4 KiB table frame does not have.
-    let table = MirrorTable::<Device16K>::new(space.phys(), &*alloc);
-    if let Ok(mut table) = table {
+    let table = MirrorTable::<SoftFormat<Device16K>>::new(space.phys(), &*alloc);
+    if let Ok((_table, mut w)) = table {
         let far = r4(1 << 45, 0x4000);
         let r = catch_unwind(AssertUnwindSafe(|| {
-            table.reserve(space.phys(), &*alloc, far).unwrap();
-            table.set(space.phys(), far, &mut |_| Some(MirrorEntry::new(0x4000_0000, true, 0)));
+            w.map(space.phys(), &*alloc, far, 0x4000_0000, true).unwrap();
         }));
         assert!(r.is_ok(), "a table of a valid geometry indexes past its frame");
     }
 }
 
-/// `MirrorTable::reserve` returns a `Result` but takes any range: an address
-/// its geometry cannot translate is silently folded onto another one
-/// (index bits above `VA_BITS` are dropped), so `lookup(0)` finds what was
-/// set for `1 << 39`.
+/// An address its geometry cannot translate must not be folded onto another
+/// one (index bits above `VA_BITS` dropped), so that `translate(0)` finds
+/// what was mapped for `1 << 39`: `map` refuses it.
 #[test]
 fn mirror_table_refuses_addresses_beyond_its_geometry() {
     let (alloc, space) = kernel(16 * MIB);
-    let mut table = MirrorTable::<Device39>::new(space.phys(), &*alloc).unwrap();
+    let (table, mut w) = MirrorTable::<SoftFormat<Device39>>::new(space.phys(), &*alloc).unwrap();
     let beyond = r4(1 << 39, PAGE);
-    let r = table.reserve(space.phys(), &*alloc, beyond);
-    if r.is_ok() {
-        table.set(space.phys(), beyond, &mut |_| Some(MirrorEntry::new(0x4000_5000, true, 0)));
-    }
-    let alias = table.lookup(space.phys(), 0);
-    table.destroy(space.phys(), &*alloc);
-    assert_eq!((r, alias), (Err(Error::OutOfRange), None), "(reserve beyond 39 bits, lookup(0) afterwards)");
+    let r = w.map(space.phys(), &*alloc, beyond, 0x4000_5000, true);
+    let alias = table.translate(space.phys(), 0);
+    w.destroy(&table, space.phys(), &*alloc);
+    assert_eq!(
+        (r, alias),
+        (Err(MapError::Failed(Error::OutOfRange)), None),
+        "(map beyond 39 bits, translate(0) afterwards)"
+    );
     drop(space);
     assert_eq!(alloc.live(), 0);
 }

@@ -146,10 +146,14 @@ impl<'s> Run<'s> {
             let r = range(REGION, REGION_LEN);
             let cpu = self.view.snapshot(r);
             let mut blocks = std::collections::BTreeSet::new();
+            let mut any = false;
             for (i, p) in cpu.iter().enumerate() {
                 let va = r.start() + i as u64 * PAGE;
                 if let Some(e) = m.translate(va) {
-                    blocks.insert(va / HUGE);
+                    any = true;
+                    if e.order() == 0 {
+                        blocks.insert(va / HUGE);
+                    }
                     assert!(
                         p.is_valid() && p.phys() == e.frame() && (p.is_write() || !e.is_write()),
                         "{:?}: mirror {va:#x} -> {:#x} (w={}) but the CPU has {p:x?}",
@@ -162,8 +166,9 @@ impl<'s> Run<'s> {
             assert_eq!(m.device().counters().stale, 0, "{:?}: stale device access", self.inject);
             // Exactly the directories the entries need: the root, one per
             // level above the leaves (all entries share them here), one
-            // leaf table per 2 MiB block with entries. No empty one is left.
-            let want = if blocks.is_empty() { 1 } else { 3 + blocks.len() };
+            // leaf table per 2 MiB block with 4 KiB entries (a 2 MiB one
+            // needs none). No empty one is left.
+            let want = if any { 3 + blocks.len() } else { 1 };
             assert_eq!(m.table_frames(), want, "{:?}: mirror directories", self.inject);
         }
         self.space.check_tables();
@@ -273,7 +278,9 @@ fn frame_allocator_failing_at_every_allocation() {
 #[test]
 fn device_update_failing_at_every_call() {
     let (points, surfaced) = sweep("device update", Inject::Update);
-    assert!(points >= 5, "{points}");
+    // One update per attempt that mapped something (no more 64-page
+    // batches): the scenario's device faults make four.
+    assert!(points >= 4, "{points}");
     assert_eq!(points, surfaced, "every failed update surfaces as Device(-5)");
 }
 

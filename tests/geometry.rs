@@ -6,6 +6,7 @@ mod common;
 
 use common::{device, kernel, range, MIB, PAGE, RW};
 use core::pin::pin;
+use hmm_core::arch::soft::SoftFormat;
 use hmm_core::arch::{check_geometry, PagingGeometry, MAX_LEVELS};
 use hmm_core::pt::MirrorTable;
 use hmm_core::sync::SpinLock;
@@ -39,7 +40,7 @@ fn an_aliasing_device_geometry_is_refused() {
     assert!(!check_geometry(2, 12, [9; MAX_LEVELS], 48, 0b1));
     let (alloc, space) = kernel(16 * MIB);
     let before = alloc.live();
-    let m = Mirror::<_, _, _, Aliasing, SpinLock>::with_geometry(
+    let m = Mirror::<_, _, _, SoftFormat<Aliasing>, SpinLock>::with_format(
         &space,
         &*alloc,
         device(&space),
@@ -47,7 +48,7 @@ fn an_aliasing_device_geometry_is_refused() {
         MirrorConfig::default(),
     );
     assert_eq!(m.err(), Some(Error::BadGeometry));
-    assert_eq!(MirrorTable::<Aliasing>::new(&**space.sim_phys(), &*alloc).err(), Some(Error::BadGeometry));
+    assert_eq!(MirrorTable::<SoftFormat<Aliasing>>::new(&**space.sim_phys(), &*alloc).err(), Some(Error::BadGeometry));
     assert_eq!(alloc.live(), before, "a refused geometry allocated frames");
 }
 
@@ -56,7 +57,7 @@ fn a_consistent_small_geometry_mirrors_without_aliasing() {
     let (alloc, space) = kernel(16 * MIB);
     space.map(0x1000_0000, PAGE, RW, RegionKind::PrivateAnon).unwrap();
     space.write_bytes(0x1000_0000, &[7]).unwrap();
-    let m = Mirror::<_, _, _, Small, SpinLock>::with_geometry(
+    let m = Mirror::<_, _, _, SoftFormat<Small>, SpinLock>::with_format(
         &space,
         &*alloc,
         device(&space),
@@ -72,7 +73,7 @@ fn a_consistent_small_geometry_mirrors_without_aliasing() {
     // alias of the mirrored page.
     assert_eq!(m.translate(0x5000_0000), None);
     assert_eq!(
-        Mirror::<_, _, _, Small, SpinLock>::with_geometry(
+        Mirror::<_, _, _, SoftFormat<Small>, SpinLock>::with_format(
             &space,
             &*alloc,
             device(&space),
@@ -112,18 +113,18 @@ impl PagingGeometry for Narrow {
 #[test]
 fn a_consistent_geometry_the_table_cannot_hold_is_refused() {
     assert!(check_geometry(3, 13, [9; MAX_LEVELS], 40, 0b1));
-    assert_eq!(MirrorTable::<Page8K>::check_geometry(), Err(Error::BadGeometry));
-    assert_eq!(MirrorTable::<Aliasing>::check_geometry(), Err(Error::BadGeometry));
-    assert_eq!(MirrorTable::<Small>::check_geometry(), Ok(()));
+    assert_eq!(MirrorTable::<SoftFormat<Page8K>>::check_geometry(), Err(Error::BadGeometry));
+    assert_eq!(MirrorTable::<SoftFormat<Aliasing>>::check_geometry(), Err(Error::BadGeometry));
+    assert_eq!(MirrorTable::<SoftFormat<Small>>::check_geometry(), Ok(()));
 }
 
 #[test]
 fn tables_smaller_than_a_page_mirror_correctly() {
-    assert_eq!(MirrorTable::<Narrow>::check_geometry(), Ok(()));
+    assert_eq!(MirrorTable::<SoftFormat<Narrow>>::check_geometry(), Ok(()));
     let (alloc, space) = kernel(16 * MIB);
     let buf = 0x0abc_d000_0000;
     space.map(buf, 2 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
-    let m = Mirror::<_, _, _, Narrow, SpinLock>::with_geometry(
+    let m = Mirror::<_, _, _, SoftFormat<Narrow>, SpinLock>::with_format(
         &space,
         &*alloc,
         device(&space),
@@ -144,23 +145,22 @@ fn tables_smaller_than_a_page_mirror_correctly() {
 }
 
 /// What a device walker does: start at `root()` and follow directory entries
-/// (bit 0 valid, frame in bits 12 and up) down to the leaf. The root is the
-/// table the mirror table allocated, and the walk finds what `lookup` finds.
+/// (bit 0 valid, frame in bits 12 and up: here the x86_64 format, as an
+/// IOMMU walks it) down to the leaf. The root is the table the mirror table
+/// allocated, and the walk finds what `translate` finds.
 #[test]
 fn a_walk_from_the_root_finds_the_entries() {
     use hmm_core::arch::x86_64::X86_64Level4 as L4;
-    use hmm_core::pt::MirrorEntry;
     use hmm_core::PhysMem;
     let (alloc, space) = kernel(16 * MIB);
     let phys = &**space.sim_phys();
     let before = alloc.live();
-    let mut t = MirrorTable::<L4>::new(phys, &*alloc).unwrap();
+    let (t, mut w) = MirrorTable::<L4>::new(phys, &*alloc).unwrap();
     let root = t.root();
     assert!(root != 0 && root.is_multiple_of(PAGE) && alloc.live() == before + 1, "root {root:#x}");
     let va = 0x7f12_3456_7000u64;
     let frame = phys.base() + 42 * PAGE;
-    t.reserve(phys, &*alloc, range(va, PAGE)).unwrap();
-    t.set(phys, range(va, PAGE), &mut |_| Some(MirrorEntry::new(frame, true, 0)));
+    w.map(phys, &*alloc, range(va, PAGE), frame, true).unwrap();
     let mut table = root;
     for level in (0..4).rev() {
         let index = (va >> (12 + 9 * level)) & 511;
@@ -171,7 +171,8 @@ fn a_walk_from_the_root_finds_the_entries() {
         table = raw & 0x000f_ffff_ffff_f000;
     }
     assert_eq!(table, frame);
-    assert_eq!(t.lookup(phys, va).map(|e| e.frame()), Some(frame));
-    t.destroy(phys, &*alloc);
+    assert_eq!(t.translate(phys, va).map(|e| e.frame()), Some(frame));
+    w.destroy(&t, phys, &*alloc);
+    assert_eq!(t.root(), 0, "destroyed");
     assert_eq!(alloc.live(), before);
 }

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use core::pin::pin;
+use hmm_core::arch::soft::SoftFormat;
 use hmm_core::arch::x86_64::X86_64Level5;
 use hmm_core::arch::{PagingGeometry, MAX_LEVELS};
 use hmm_core::pt::Pfn;
@@ -34,7 +35,7 @@ static_assertions::const_assert!(hmm_core::arch::check_geometry(3, 12, [9; 6], 3
 fn device_geometry_bounds_the_mirror() {
     let (alloc, space) = kernel(16 * MIB);
     space.map(BUF, 8 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
-    let too_wide = Mirror::<_, _, _, Device39, SpinLock>::with_geometry(
+    let too_wide = Mirror::<_, _, _, SoftFormat<Device39>, SpinLock>::with_format(
         &space,
         &*alloc,
         device(&space),
@@ -43,7 +44,7 @@ fn device_geometry_bounds_the_mirror() {
     );
     assert_eq!(too_wide.err(), Some(Error::OutOfRange));
     {
-        let m = Mirror::<_, _, _, Device39, SpinLock>::with_geometry(
+        let m = Mirror::<_, _, _, SoftFormat<Device39>, SpinLock>::with_format(
             &space,
             &*alloc,
             device(&space),
@@ -196,11 +197,13 @@ fn device_update_failure() {
         let m = pin!(mirror(&space, &alloc));
         m.as_ref().register().unwrap();
         let frames = m.table_frames();
-        // The second batch of 64 pages fails in the device.
-        m.device().fail_update_at(2);
+        // The first 64 pages map; the fault over 128 then fails in the device.
+        m.fault(range(BUF, 64 * PAGE), true).unwrap();
+        m.device().fail_update_at(1);
         assert_eq!(m.fault(range(BUF, 128 * PAGE), true), Err(Error::Device(-5)));
-        assert!(m.translate(BUF).is_some(), "the first batch was committed");
-        assert_eq!(m.translate(BUF + 64 * PAGE), None, "the failed batch left nothing");
+        for i in 0..128 {
+            assert_eq!(m.translate(BUF + i * PAGE), None, "a failed fault leaves nothing of its range");
+        }
         assert_mirror_coherent(&m, &space, range(BUF, 128 * PAGE));
         m.fault(range(BUF, 128 * PAGE), true).unwrap();
         assert!(m.translate(BUF + 127 * PAGE).is_some());

@@ -17,7 +17,7 @@ use core::pin::pin;
 use hmm_core::arch::x86_64::{X86_64Level4, X86_64Level5};
 use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry};
 use hmm_core::notifier::{FixedStore, VecStore};
-use hmm_core::pt::{snapshot, walk, MirrorEntry, MirrorTable, Pfn, Span};
+use hmm_core::pt::{snapshot, walk, MapError, MirrorTable, Pfn, Reclaim, Span};
 use hmm_core::{
     AddressSpace, BitmapFrameAllocator, Error, Event, FrameAllocator, Interval, InvalidateRange, Mirror, MirrorConfig,
     Notifier, NotifierRegistry, PhysMem, RegionFlags, VaRange,
@@ -270,35 +270,48 @@ fn visitor_break_stops_the_walk() {
 // ------------------------------------------------------------------ mirror table
 
 #[test]
-fn mirror_table_reserve_set_clear_prune_destroy() {
+fn mirror_table_map_clear_reclaim_destroy() {
     let arena = Arena::new(16);
-    let mut t = MirrorTable::<L4>::new(&arena, &arena).unwrap();
-    assert_eq!((t.table_frames(), arena.live()), (1, 1));
+    let (t, mut w) = MirrorTable::<L4>::new(&arena, &arena).unwrap();
+    assert_eq!((w.stats().frames, arena.live()), (1, 1));
     // Three pages across a 2 MiB and a 1 GiB boundary: PDPT, two PDs, two PTs.
     let r = r4(G1 - PAGE, 3 * PAGE);
-    t.reserve(&arena, &arena, r).unwrap();
-    assert_eq!((t.table_frames(), arena.live()), (6, 6));
-    t.set(&arena, r, &mut |va| Some(MirrorEntry::new(0x10_0000 + (va & 0xffff_f000), va & 0x1000 != 0, 0x1ff)));
-    let e = t.lookup(&arena, G1 - PAGE).unwrap();
-    assert_eq!((e.frame(), e.is_write(), e.driver(), e.is_dirty()), (0x10_0000 + G1 - PAGE, true, 0x1ff, false));
-    assert!(t.mark_dirty(&arena, G1 + 0x123));
-    assert!(t.lookup(&arena, G1).unwrap().is_dirty());
-    assert!(!t.mark_dirty(&arena, G1 + 8 * PAGE), "no entry there");
-    assert_eq!(t.lookup(&arena, 5 * G1), None);
-    // Clearing keeps the directories until a prune.
-    assert_eq!(t.clear(&arena, r4(G1 - PAGE, PAGE)), 1);
-    assert_eq!(t.table_frames(), 6);
-    t.prune(&arena, &arena, r4(G1 - PAGE, PAGE));
-    assert_eq!((t.table_frames(), arena.live()), (4, 4), "the emptied PT and PD went back");
-    assert_eq!(t.lookup(&arena, G1 - PAGE), None);
-    assert!(t.lookup(&arena, G1 + PAGE).is_some());
-    // A reserve that runs out of memory leaves the table as it was.
+    assert_eq!(w.map(&arena, &arena, r, 0x40_0000, true), Ok((3, 0)));
+    assert_eq!((w.stats().frames, arena.live()), (6, 6));
+    let e = t.translate(&arena, G1 - PAGE + 0x123).unwrap();
+    assert_eq!((e.frame(), e.is_write(), e.order(), e.is_dirty()), (0x40_0000, true, 0, false));
+    assert_eq!(t.translate(&arena, G1 + PAGE).map(|e| e.frame()), Some(0x40_2000));
+    assert_eq!(t.translate(&arena, 5 * G1), None);
+    // Clearing the only page under a PT and PD unlinks both; they are freed
+    // only by `reclaim` (after the device flushed).
+    let mut reclaim = Reclaim::new();
+    let c = w.clear(&arena, r4(G1 - PAGE, PAGE), &mut reclaim);
+    assert_eq!((c.entries, c.pages, c.extent), (1, 1, Some(r4(G1 - PAGE, PAGE))));
+    assert_eq!((w.stats().frames, arena.live()), (6, 6));
+    w.reclaim(&t, &arena, &mut reclaim);
+    assert_eq!((w.stats().frames, arena.live()), (4, 4), "the emptied PT and PD went back");
+    assert_eq!(t.translate(&arena, G1 - PAGE), None);
+    assert!(t.translate(&arena, G1 + PAGE).is_some());
+    // A 2 MiB run, aligned in both spaces, is one entry (one new PD).
+    assert_eq!(w.map(&arena, &arena, r4(2 * G1, M2), 0x20_0000, false), Ok((1, 1)));
+    assert_eq!((w.stats().frames, w.stats().huge_leaves), (5, 1));
+    let e = t.translate(&arena, 2 * G1 + 5 * PAGE).unwrap();
+    assert_eq!((e.frame(), e.is_write(), e.order()), (0x20_0000 + 5 * PAGE, false, 9));
+    // Clearing one page of it clears it whole.
+    let c = w.clear(&arena, r4(2 * G1 + PAGE, PAGE), &mut reclaim);
+    assert_eq!((c.entries, c.pages, c.extent), (1, 512, Some(r4(2 * G1, M2))));
+    w.reclaim(&t, &arena, &mut reclaim);
+    assert_eq!((w.stats().frames, w.stats().huge_leaves, arena.live()), (4, 0, 4));
+    // A map that runs out of memory leaves linked empty directories until a
+    // clear (and a flush) returns them.
     arena.fail_at(2);
-    assert_eq!(t.reserve(&arena, &arena, r4(7 * G1, 2 * M2)), Err(Error::NoMemory));
-    assert_eq!((t.table_frames(), arena.live()), (4, 4));
+    assert_eq!(w.map(&arena, &arena, r4(7 * G1, 2 * PAGE), 0x40_0000, true), Err(MapError::Failed(Error::NoMemory)));
+    assert_eq!(w.clear(&arena, r4(7 * G1, 2 * PAGE), &mut reclaim).entries, 0);
+    w.reclaim(&t, &arena, &mut reclaim);
+    assert_eq!((w.stats().frames, arena.live()), (4, 4));
     // Destroy frees everything, entries or not.
-    t.destroy(&arena, &arena);
-    assert_eq!(arena.live(), 0);
+    w.destroy(&t, &arena, &arena);
+    assert_eq!((arena.live(), t.root(), t.translate(&arena, G1 + PAGE)), (0, 0, None));
 }
 
 #[test]
@@ -308,15 +321,15 @@ fn mirror_table_of_the_simulated_ram() {
     // Borrows.
     let alloc = CountingAllocator::with_size(8 * PAGE);
     let phys = alloc.phys().clone();
-    let mut t = MirrorTable::<L4>::new(&*phys, &*alloc).unwrap();
+    let (t, mut w) = MirrorTable::<L4>::new(&*phys, &*alloc).unwrap();
     let r = r4(0x20_0000, 2 * PAGE);
-    t.reserve(&*phys, &*alloc, r).unwrap();
-    t.set(&*phys, r, &mut |va| Some(MirrorEntry::new(va, false, 0)));
-    assert_eq!(t.lookup(&*phys, 0x20_1000).map(|e| e.frame()), Some(0x20_1000));
-    assert_eq!(t.clear(&*phys, r), 2);
-    t.prune(&*phys, &*alloc, r);
-    assert_eq!((t.table_frames(), alloc.live()), (1, 1));
-    t.destroy(&*phys, &*alloc);
+    w.map(&*phys, &*alloc, r, 0x20_0000, false).unwrap();
+    assert_eq!(t.translate(&*phys, 0x20_1000).map(|e| e.frame()), Some(0x20_1000));
+    let mut reclaim = Reclaim::new();
+    assert_eq!(w.clear(&*phys, r, &mut reclaim).entries, 2);
+    w.reclaim(&t, &*alloc, &mut reclaim);
+    assert_eq!((w.stats().frames, alloc.live()), (1, 1));
+    w.destroy(&t, &*phys, &*alloc);
     assert_eq!(alloc.live(), 0);
 }
 

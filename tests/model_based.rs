@@ -709,7 +709,8 @@ impl<'s> World<'s> {
                     e.frame(),
                     e.is_write()
                 );
-                for (l, d) in dirs.iter_mut().enumerate() {
+                // A 2 MiB entry needs no leaf table.
+                for (l, d) in dirs.iter_mut().enumerate().skip(e.order().min(1) as usize) {
                     d.insert(va >> (21 + 9 * l));
                 }
                 slot.known.insert(va);

@@ -8,6 +8,7 @@
 //! Levels are numbered from the bottom: level 0 holds 4 KiB (page-sized)
 //! leaves, level `LEVELS - 1` is the root table.
 
+pub mod soft;
 pub mod x86_64;
 
 use bitflags::bitflags;
@@ -225,4 +226,33 @@ pub unsafe trait PteFormat {
     /// Produces the raw entry for `view` at `level`, or
     /// [`crate::Error::Unencodable`].
     fn encode(view: &PteView, level: usize) -> crate::Result<u64>;
+}
+
+/// A page-table format a device's MMU walks: the format the
+/// [`MirrorTable`](crate::pt::MirrorTable) of a [`Mirror`](crate::Mirror) is
+/// written in, so that the table hmm-core maintains is the one the hardware
+/// reads. [`soft::SoftFormat`] is a software device's format;
+/// [`x86_64::X86_64`] serves an IOMMU that walks x86_64-format tables.
+///
+/// # Safety
+/// On top of [`PteFormat`]'s contract:
+/// 1. `encode(&PteView::Table { frame, flags: Self::DIRECTORY }, l)` succeeds
+///    for every level `l >= 1` and every 4 KiB-aligned `frame` below 2^52.
+/// 2. `encode(&PteView::Leaf { frame, flags }, l)` succeeds for every level
+///    where `leaf_allowed(l)`, every `frame` below 2^52 aligned to the
+///    level's span, and `flags` = `READ | USER` plus any of `WRITE`,
+///    `ACCESSED`, `DIRTY`.
+/// 3. With `COUNT_SHIFT = Some(s)`: bits `s .. s + 10` of every encoded
+///    directory entry are 0, and both `decode` and the device's walker
+///    ignore them in directory entries (the mirror keeps a count there).
+pub unsafe trait DeviceFormat: PteFormat {
+    /// The flags of a directory entry the mirror writes: it grants every
+    /// permission, leaves decide.
+    const DIRECTORY: LeafFlags;
+    /// First of 10 directory-entry bits the hardware ignores, where the
+    /// mirror keeps the number of live entries of the table below (so an
+    /// emptied directory is freed without scanning it). `None`: the format
+    /// has no such bits, and the counts live in a companion frame per
+    /// directory table, outside the hardware's entries.
+    const COUNT_SHIFT: Option<u32>;
 }

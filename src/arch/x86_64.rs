@@ -265,3 +265,13 @@ unsafe impl<const LA57: bool> PteFormat for X86_64<LA57> {
         }
     }
 }
+
+// SAFETY: directories encode with P | frame | W | U (NX clear) for
+// `DIRECTORY`; bits 52..=61 of a directory entry are ignored by the MMU
+// (and by an IOMMU using first-level x86_64 tables) and masked off by
+// `decode_present`; leaves with READ | USER plus WRITE / ACCESSED / DIRTY
+// encode at levels 0-2 for aligned frames below 2^52.
+unsafe impl<const LA57: bool> super::DeviceFormat for X86_64<LA57> {
+    const DIRECTORY: LeafFlags = LeafFlags::READ.union(LeafFlags::WRITE).union(LeafFlags::USER).union(LeafFlags::EXEC);
+    const COUNT_SHIFT: Option<u32> = Some(52);
+}

@@ -32,6 +32,7 @@ mod index;
 mod registry;
 mod store;
 
+pub(crate) use registry::Running;
 pub use registry::{Invalidation, NotifierRegistry, Registration};
 #[cfg(feature = "alloc")]
 pub use store::VecStore;

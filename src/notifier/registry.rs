@@ -71,6 +71,29 @@ pub struct NotifierRegistry<S: EntryStore, W: Waiter = SpinWait> {
 struct State {
     active: usize,
     deferred: heapless::Vec<Deferred, MAX_PENDING>,
+    /// Ranges of the running invalidations, as far as they fit; the others
+    /// are counted in `untracked` and count as covering everything.
+    running: heapless::Vec<VaRange, MAX_RUNNING>,
+    untracked: usize,
+}
+
+/// Running invalidations whose ranges are tracked one by one; more count as
+/// covering every address until they end.
+const MAX_RUNNING: usize = 8;
+
+/// The invalidations running at one moment, as a fault about to commit into
+/// an interval sees them (see [`NotifierRegistry::running`]).
+#[derive(Debug, Default)]
+pub(crate) struct Running {
+    ranges: heapless::Vec<VaRange, MAX_RUNNING>,
+    all: bool,
+}
+
+impl Running {
+    /// Whether one of them may change a translation of `range`.
+    pub(crate) fn overlaps(&self, range: &VaRange) -> bool {
+        self.all || self.ranges.iter().any(|r| r.overlaps(range))
+    }
 }
 
 /// An insert or remove postponed until no invalidation is running.
@@ -102,6 +125,8 @@ impl<S: EntryStore, W: Waiter> Default for NotifierRegistry<S, W> {
 #[derive(Debug)]
 pub struct Invalidation {
     seq: u64,
+    range: VaRange,
+    tracked: bool,
 }
 
 impl Invalidation {
@@ -320,17 +345,20 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
             // Every invalidation is counted, overlapping or not: an interval
             // inserted meanwhile must wait for it (see `insert`).
             active.active += 1;
+            let tracked = active.running.push(range).is_ok();
+            active.untracked += !tracked as usize;
             // SAFETY: `active` is locked: no modification runs.
             let overlaps = unsafe {
                 self.store.with(|store| !for_each_overlap(store.entries(), range.start(), range.last(), &mut |_| false))
             };
             if !overlaps {
-                return Ok(Invalidation { seq: 0 });
+                return Ok(Invalidation { seq: 0, range, tracked });
             }
             let seq = self.seq.load(Ordering::Relaxed) | 1;
             self.seq.store(seq, Ordering::Release);
-            seq
+            (seq, tracked)
         };
+        let (cur_seq, tracked) = cur_seq;
         let inv = InvalidateRange::new(range, event, blockable, cur_seq);
         let mut call = |e: &Entry| {
             // SAFETY: a registered notifier stays alive until its removal,
@@ -345,7 +373,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
         let all_agreed = unsafe {
             self.store.with(|store| for_each_overlap(store.entries(), range.start(), range.last(), &mut call))
         };
-        let token = Invalidation { seq: cur_seq };
+        let token = Invalidation { seq: cur_seq, range, tracked };
         if !all_agreed {
             self.invalidate_range_end(token);
             return Err(Error::WouldBlock);
@@ -356,10 +384,16 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// Ends an invalidation. When the last running one ends, the sequence
     /// becomes even, postponed inserts/removes apply, and waiters wake.
     pub fn invalidate_range_end(&self, inv: Invalidation) {
-        let _ = inv;
         {
             let mut state = self.active.lock();
             state.active -= 1;
+            if inv.tracked {
+                if let Some(i) = state.running.iter().position(|r| *r == inv.range) {
+                    state.running.swap_remove(i);
+                }
+            } else {
+                state.untracked -= 1;
+            }
             // Only changed under `active`: a plain increment, no RMW.
             self.ended.store(self.ended.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
             let seq = self.seq.load(Ordering::Relaxed);
@@ -436,6 +470,41 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
         interval.seq() != seq
     }
 
+    /// The invalidations running now, for a fault of `interval` that holds
+    /// the driver update lock: one that started before this call may have
+    /// run its callback already and be changing entries, so the fault must
+    /// not commit pages it overlaps; one that starts later calls the
+    /// callback, which waits for the update lock. While `interval`'s insert
+    /// is still postponed (no callback reaches it yet), everything overlaps.
+    pub(crate) fn running(&self, interval: &Interval) -> Running {
+        let state = self.active.lock();
+        Running { ranges: state.running.clone(), all: state.untracked > 0 || pending_insert(&state, interval) }
+    }
+
+    /// Waits until no running invalidation overlaps `range` of `interval`
+    /// (see [`running`](Self::running)). Whenever one ends while an
+    /// overlapping one still runs, asks `give_up`; false once it said true.
+    pub(crate) fn wait_quiet(&self, interval: &Interval, range: VaRange, give_up: &mut dyn FnMut() -> bool) -> bool {
+        let mut waited = false;
+        loop {
+            let ended = {
+                let state = self.active.lock();
+                let busy = state.untracked > 0
+                    || state.running.iter().any(|r| r.overlaps(&range))
+                    || pending_insert(&state, interval);
+                if !busy {
+                    return true;
+                }
+                if waited && give_up() {
+                    return false;
+                }
+                self.ended.load(Ordering::Acquire)
+            };
+            self.waiter.wait_until(&|| self.ended.load(Ordering::Acquire) != ended);
+            waited = true;
+        }
+    }
+
     /// Number of registered notifiers (pending inserts excluded).
     pub fn len(&self) -> usize {
         let _active = self.active.lock();
@@ -452,6 +521,15 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     pub fn seq(&self) -> u64 {
         self.seq.load(Ordering::Acquire)
     }
+}
+
+/// Whether `interval`'s insert waits for the running invalidations to end.
+fn pending_insert(state: &State, interval: &Interval) -> bool {
+    state.deferred.iter().any(|d| {
+        // SAFETY: a postponed insert's notifier is alive until its
+        // registration is removed, which cancels the insert under this lock.
+        d.insert && core::ptr::eq(unsafe { d.entry.notifier.as_ref() }.interval(), interval)
+    })
 }
 
 /// Applies postponed inserts and removes, in order. Never allocates: room

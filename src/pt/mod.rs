@@ -10,4 +10,4 @@ pub use pfn::Pfn;
 pub use snapshot::snapshot;
 pub use walk::{walk, Span, Visitor};
 mod mirror_table;
-pub use mirror_table::{MirrorEntry, MirrorTable};
+pub use mirror_table::{Cleared, MapError, MirrorEntry, MirrorTable, Reclaim, TableStats, TableWriter};

@@ -9,6 +9,8 @@ mod lock;
 pub mod loom_pte;
 pub(crate) mod shim;
 mod wait;
+mod walk_gate;
 
 pub use lock::{LockCell, LockGuard, RawLock, SpinLock};
 pub use wait::{SpinWait, Waiter};
+pub use walk_gate::{WalkGate, WalkGuard};

@@ -165,7 +165,7 @@ impl<P: PhysMem + Send + Sync> DummyDevice<P> {
 }
 
 impl<P: PhysMem + Send + Sync> DeviceOps for DummyDevice<P> {
-    fn update(&self, _range: VaRange, _pfns: &[Pfn]) -> Result<(), i32> {
+    fn update(&self, _range: VaRange) -> Result<(), i32> {
         if let Some(hook) = self.on_update.lock().unwrap().as_ref() {
             hook();
         }

@@ -1,0 +1,305 @@
+//! The device fault path: per attempt one walk of the CPU tables, mapping
+//! straight into the device table under the update lock, and one kernel
+//! handler call per contiguous missing run. No page buffer, so nothing
+//! bounds the size of a fault.
+
+use super::device::bump;
+use super::{CpuGeometry, Mirror};
+use crate::arch::{DeviceFormat, PagingGeometry, PteView};
+use crate::fault::{classify, Class, MAX_FAULTS_WITHOUT_PROGRESS};
+use crate::frame::FrameAllocator;
+use crate::notifier::{Event, Running};
+use crate::pt::{walk, MapError, Span, TableWriter};
+use crate::range::VaRange;
+use crate::space::{AddressSpace, Region, RegionFlags};
+use crate::sync::RawLock;
+use crate::{DeviceOps, Error, Result};
+use core::ops::ControlFlow;
+
+/// How an attempt ended.
+enum Stop {
+    /// Every page is mapped.
+    Done,
+    /// The pages before `run` are mapped; `run` must be faulted in.
+    Missing { run: VaRange, write: bool },
+}
+
+/// What one attempt mapped.
+#[derive(Default)]
+struct Mapped {
+    range: Option<VaRange>,
+    pages: u64,
+    entries: u64,
+    huge: u64,
+}
+
+impl<'s, S, D, A, F, L> Mirror<'s, S, D, A, F, L>
+where
+    S: AddressSpace + Sync,
+    D: DeviceOps,
+    A: FrameAllocator + Sync,
+    F: DeviceFormat,
+    L: RawLock,
+{
+    /// Handles a device page fault on `range`: makes every page present (and
+    /// writable if `write`) in the CPU tables, maps it in the table, and tells
+    /// the device — retrying only while invalidations of these pages collide,
+    /// within the budget.
+    ///
+    /// Each attempt walks the CPU tables once from where the last one
+    /// stopped, mapping as it goes, and stops at the first missing run,
+    /// which the kernel's handler gets in one call; the next attempt resumes
+    /// at that run. So every page was mapped at some point during the call;
+    /// an invalidation since (even one the handler itself caused) may have
+    /// cleared it again, and the device faults again, as it would after any
+    /// later invalidation.
+    ///
+    /// A CPU leaf of 2 MiB or 1 GiB that lies whole in the mirror becomes one
+    /// entry where the format has a leaf of that size (the whole leaf is
+    /// mapped even if the fault asked for part of it); otherwise it is split
+    /// into the largest leaves that fit.
+    ///
+    /// Errors: range validation errors, [`Error::OutOfRange`] outside the
+    /// mirror, [`Error::Unregistered`], [`Error::Released`], [`Error::Busy`]
+    /// (budget spent on collisions with invalidations of these pages, or on
+    /// handler calls beyond one per page),
+    /// [`Error::Fault`], [`Error::Perm`], [`Error::NoMemory`],
+    /// [`Error::Device`]. On error nothing of this fault stays mapped: what
+    /// it mapped is cleared again (the device invalidated and flushed), so
+    /// pages of `range` mapped by earlier faults may be gone too.
+    pub fn fault(&self, range: VaRange, write: bool) -> Result<()> {
+        self.check_fault_range(range)?;
+        bump(&self.counters.faults, 1);
+        let notifiers = self.space.notifiers();
+        let started = self.config.clock.map(|c| c());
+        let mut retries = 0u32;
+        let mut va = range.start();
+        let mut stuck = (None, 0u32);
+        // Everything this fault mapped so far, cleared again on error.
+        let mut done = None;
+        let mut calls = 0u64;
+        loop {
+            if self.over_budget(started, retries) {
+                self.undo(&mut done);
+                return Err(Error::Busy);
+            }
+            let rest = VaRange::from_inclusive(va, range.last());
+            let guard = self.space.read_lock();
+            let stop = {
+                let mut writer = self.writer.lock();
+                if notifiers.is_released() {
+                    return Err(Error::Released);
+                }
+                let Some(w) = writer.as_mut() else {
+                    return Err(Error::Unregistered);
+                };
+                let running = notifiers.running(&self.interval);
+                if running.overlaps(&rest) {
+                    None
+                } else {
+                    Some(self.attempt(w, &guard, rest, write, &running, &mut done)?)
+                }
+            };
+            match stop {
+                None => {
+                    drop(guard);
+                    // A collision: wait (without locks) for it to end.
+                    retries += 1;
+                    bump(&self.counters.retries, 1);
+                    if self.over_budget(started, retries) {
+                        self.undo(&mut done);
+                        return Err(Error::Busy);
+                    }
+                    let quiet = notifiers.wait_quiet(&self.interval, rest, &mut || {
+                        retries += 1;
+                        bump(&self.counters.retries, 1);
+                        self.over_budget(started, retries)
+                    });
+                    if !quiet {
+                        self.undo(&mut done);
+                        return Err(Error::Busy);
+                    }
+                }
+                Some(Stop::Done) => return Ok(()),
+                Some(Stop::Missing { run, write }) => {
+                    if stuck.0 == Some(run.start()) {
+                        stuck.1 += 1;
+                        if stuck.1 >= MAX_FAULTS_WITHOUT_PROGRESS {
+                            self.undo(&mut done);
+                            return Err(Error::Fault);
+                        }
+                    } else {
+                        stuck = (Some(run.start()), 0);
+                    }
+                    if let Err(e) = self.space.handle_fault(&guard, run, write) {
+                        self.undo(&mut done);
+                        return Err(e);
+                    }
+                    bump(&self.counters.handler_calls, 1);
+                    // One handler call per page is progress; a kernel that
+                    // keeps evicting what it faulted in pays from the budget.
+                    calls += 1;
+                    if calls > range.pages(12) {
+                        retries += 1;
+                        bump(&self.counters.retries, 1);
+                    }
+                    va = run.start();
+                }
+            }
+        }
+    }
+
+    /// Clears what a failing fault mapped in earlier attempts.
+    fn undo(&self, done: &mut Option<VaRange>) {
+        if let Some(d) = done.take() {
+            if let Some(w) = self.writer.lock().as_mut() {
+                self.clear_range(w, d, Event::Clear);
+            }
+        }
+    }
+
+    /// One attempt, under the read and update locks with no running
+    /// invalidation overlapping `rest`: walks the CPU tables over `rest`,
+    /// mapping every usable page up to the first missing run.
+    fn attempt(
+        &self,
+        w: &mut TableWriter<F>,
+        guard: &S::ReadGuard<'s>,
+        rest: VaRange,
+        write: bool,
+        running: &Running,
+        done: &mut Option<VaRange>,
+    ) -> Result<Stop> {
+        let mut mapped = Mapped::default();
+        let mut va = rest.start();
+        let outcome = loop {
+            let Some(region) = self.space.region(guard, va).filter(|r| r.range.contains_addr(va)) else {
+                break Err(Error::Fault);
+            };
+            if region.flags.contains(RegionFlags::IO) || !region.flags.contains(RegionFlags::READ) {
+                break Err(Error::Fault);
+            }
+            if write && !region.flags.contains(RegionFlags::WRITE) {
+                break Err(Error::Perm);
+            }
+            let part = VaRange::from_inclusive(va, region.range.last().min(rest.last()));
+            match self.walk_part(w, part, region, write, running, &mut mapped) {
+                Err(e) => break Err(e),
+                Ok(Some(stop)) => break Ok(stop),
+                Ok(None) if part.last() == rest.last() => break Ok(Stop::Done),
+                Ok(None) => va = part.last() + 1,
+            }
+        };
+        if let Some(range) = mapped.range {
+            *done = Some(done.map_or(range, |d| d.hull(&range)));
+        }
+        let outcome = match (outcome, mapped.range) {
+            (Ok(stop), Some(range)) => self.device.update(range).map(|()| stop).map_err(Error::Device),
+            (outcome, _) => outcome,
+        };
+        if outcome.is_err() {
+            // All or nothing: what this fault mapped goes again.
+            if let Some(d) = done.take() {
+                self.clear_range(w, d, Event::Clear);
+            }
+            return outcome;
+        }
+        bump(&self.counters.pages_mapped, mapped.pages);
+        bump(&self.counters.entries_mapped, mapped.entries);
+        bump(&self.counters.huge_mapped, mapped.huge);
+        outcome
+    }
+
+    /// Walks `part` (inside `region`): maps usable pages until a missing run
+    /// ends; returns it (`None`: all of `part` is mapped).
+    fn walk_part(
+        &self,
+        w: &mut TableWriter<F>,
+        part: VaRange,
+        region: Region,
+        write: bool,
+        running: &Running,
+        mapped: &mut Mapped,
+    ) -> Result<Option<Stop>> {
+        let mut run: Option<VaRange> = None;
+        let mut failed = None;
+        let owner = self.config.owner;
+        let mut visit = |span: Span, view: PteView| -> ControlFlow<()> {
+            match classify(view, owner) {
+                Class::Valid { frame, write: writable } if writable || !write => {
+                    if run.is_some() {
+                        return ControlFlow::Break(());
+                    }
+                    match self.map_span(w, span, frame, writable, region, running) {
+                        Ok((target, entries, huge)) => {
+                            mapped.range = Some(mapped.range.map_or(target, |m| m.hull(&target)));
+                            mapped.pages += target.pages(12);
+                            mapped.entries += entries;
+                            mapped.huge += huge;
+                            ControlFlow::Continue(())
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            ControlFlow::Break(())
+                        }
+                    }
+                }
+                Class::Error => {
+                    failed = Some(Error::Fault);
+                    ControlFlow::Break(())
+                }
+                // Not present, or read-only for a write: the handler's job.
+                _ => {
+                    run = Some(run.map_or(span.range, |r| r.hull(&span.range)));
+                    ControlFlow::Continue(())
+                }
+            }
+        };
+        // SAFETY: the read guard keeps every table of the live root
+        // allocated (`AddressSpace` contract, item 2).
+        let _stopped =
+            unsafe { walk::<S::Format, S::Phys, _>(self.space.phys(), self.space.root(), part, &mut visit) }?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok(run.map(|run| Stop::Missing { run, write }))
+    }
+
+    /// Maps one CPU leaf's `span`: the whole leaf when it lies in the mirror
+    /// and the region and no running invalidation touches it, else the
+    /// visited part. Returns what was mapped, entries and huge entries.
+    fn map_span(
+        &self,
+        w: &mut TableWriter<F>,
+        span: Span,
+        frame: u64,
+        writable: bool,
+        region: Region,
+        running: &Running,
+    ) -> Result<(VaRange, u64, u64)> {
+        let base = span.entry_base();
+        let whole = VaRange::from_inclusive(base, base + ((1u64 << span.shift) - 1));
+        let widen = span.shift > CpuGeometry::<S>::PAGE_SHIFT
+            && whole != span.range
+            && self.interval.range().contains(&whole)
+            && region.range.contains(&whole)
+            && !running.overlaps(&whole);
+        let (target, pa) = if widen { (whole, frame) } else { (span.range, frame + (span.range.start() - base)) };
+        loop {
+            match w.map(self.space.phys(), self.alloc, target, pa, writable) {
+                Ok((entries, huge)) => return Ok((target, entries, huge)),
+                // The CPU maps these pages in smaller pieces now: the old
+                // huge entry goes (device flushed), then map again.
+                Err(MapError::HugeInTheWay(huge)) => {
+                    self.clear_range(w, huge, Event::Clear);
+                }
+                Err(MapError::Failed(e)) => {
+                    // Return the directories the failed descent left empty,
+                    // by the same rule as everywhere: unlink, flush, free.
+                    self.clear_range(w, target, Event::Clear);
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
