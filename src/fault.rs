@@ -56,7 +56,9 @@ pub struct FaultStats {
 /// with one handler call per contiguous run.
 ///
 /// Errors: validation errors of the range, [`Error::OutOfRange`] if the range
-/// is not inside `interval`, [`Error::BadLength`], [`Error::Released`],
+/// is not inside `interval`, [`Error::BadLength`], [`Error::Unregistered`]
+/// if `interval` is not registered (never [`Error::Busy`]: nothing could
+/// ever invalidate it), [`Error::Released`],
 /// [`Error::Busy`] (an invalidation hit `interval` since `seq`, seen before
 /// anything was faulted; after a fault the walk completes and only the
 /// caller's mandatory `read_retry` under its driver lock decides),
@@ -80,6 +82,11 @@ pub fn range_fault<'g, S: AddressSpace>(
     }
     if req.pfns.len() as u64 != range.pages(page_shift) {
         return Err(Error::BadLength);
+    }
+    // No invalidation reaches an unregistered interval: whatever the walk
+    // found could go stale unnoticed.
+    if !interval.is_registered() {
+        return Err(Error::Unregistered);
     }
     let page = 1u64 << page_shift;
     let mut stats = FaultStats::default();

@@ -72,13 +72,32 @@ pub unsafe trait AddressSpace {
     /// The address space's notifier registry.
     fn notifiers(&self) -> &NotifierRegistry<Self::Store, Self::Wait>;
     /// Takes the read lock (blocks region changes and table frees).
+    ///
+    /// hmm-core takes it once per fault attempt or snapshot walk, never twice
+    /// in one thread (no nesting), holds no mirror lock when it takes it, and
+    /// never waits for an invalidation while holding it. Data frames may be
+    /// freed while a guard is held, once the invalidation of their
+    /// translation has started (contract item 3): hmm-core reads a frame
+    /// address and maps it under the mirror's update lock, which that
+    /// invalidation's callback takes before it returns.
     fn read_lock(&self) -> Self::ReadGuard<'_>;
     /// The region containing `va`, if any.
+    ///
+    /// Called with the read lock held and, from
+    /// [`Mirror::fault`](crate::Mirror::fault), with that mirror's update
+    /// lock held as well: it must not start an invalidation, fault anything
+    /// in, or wait for anything an invalidation holds (a lookup only).
     fn region<'g>(&'g self, guard: &Self::ReadGuard<'g>, va: u64) -> Option<Region>;
     /// Makes `range` (inside one region) present, writable if `write`, as a
     /// CPU fault would: demand-zero, zero page for reads, COW break for
     /// writes. Errors: [`Error::NoMemory`](crate::Error::NoMemory),
     /// [`Error::Fault`](crate::Error::Fault).
+    ///
+    /// Called with the read lock held and no mirror lock, once per
+    /// contiguous missing run: it may invalidate (a COW break, reclaim to
+    /// find memory), and those callbacks take mirror update locks, which are
+    /// free then. It must not take the address-space write lock (this
+    /// thread holds the read lock).
     fn handle_fault<'g>(&'g self, guard: &Self::ReadGuard<'g>, range: VaRange, write: bool) -> Result<()>;
     /// The shared zero frame, if the kernel has one (reported as such).
     fn zero_frame(&self) -> Option<u64> {

@@ -78,6 +78,11 @@ fn unit<T>(r: hmm_core::Result<T>) -> hmm_core::Result<()> {
     r.map(|_| ())
 }
 
+/// `read_begin` of an interval (returns at once when it is unregistered).
+fn interval_seq<S: AddressSpace>(interval: &Interval, space: &S) -> u64 {
+    space.notifiers().read_begin(interval)
+}
+
 /// A notifier that refuses every non-blockable invalidation.
 struct Refusing {
     interval: Interval,
@@ -329,9 +334,23 @@ fn every_entry_point_rejects_bad_input_with_the_exact_error() {
         });
 
         // ---- range_fault ---------------------------------------------------
-        let interval = Interval::new(r4(BUF, WATCH));
-        // What a fault would have read (an unregistered interval: no wait).
-        let seq = space.notifiers().read_begin(&interval);
+        let watcher = Refusing::new(r4(BUF, WATCH));
+        let interval = &watcher.interval;
+        let mut req = RangeFault {
+            range: r4(BUF, PAGE),
+            default_flags: 0,
+            pfn_flags_mask: 0,
+            pfns: &mut [Pfn::NONE],
+            dev_private_owner: None,
+        };
+        t.row("range_fault: unregistered interval", Err(Error::Unregistered), &fp, &mut || {
+            unit(range_fault(&space, &space.read_lock(), interval, interval_seq(interval, &space), &mut req))
+        });
+        // SAFETY: `watcher` outlives `watching`, which is dropped (removed)
+        // before the end of this block.
+        let watching = unsafe { space.notifiers().insert(&watcher) }.unwrap();
+        // What a fault would have read.
+        let seq = space.notifiers().read_begin(interval);
         type RfRow = (&'static str, VaRange, usize, u64, u64, u64, hmm_core::Result<()>);
         let fault = Pfn::REQ_FAULT;
         let write = Pfn::REQ_WRITE;
@@ -374,11 +393,12 @@ fn every_entry_point_rejects_bad_input_with_the_exact_error() {
                     pfns: &mut pfns,
                     dev_private_owner: None,
                 };
-                unit(range_fault(&space, &guard, &interval, seq + stale, &mut req))
+                unit(range_fault(&space, &guard, interval, seq.wrapping_add(stale), &mut req))
             });
         }
+        watching.remove();
         let dead_interval = Interval::new(r4(BUF, WATCH));
-        t.row("range_fault: released space", Err(Error::Released), &fp, &mut || {
+        t.row("range_fault: released space", Err(Error::Unregistered), &fp, &mut || {
             let guard = dead.read_lock();
             let mut pfns = vec![Pfn::NONE; 1];
             let mut req = RangeFault {

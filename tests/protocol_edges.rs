@@ -384,11 +384,14 @@ fn fault_once<S: AddressSpace>(
     mask: u64,
     pfns: &mut [Pfn],
 ) -> hmm_core::Result<FaultStats> {
-    let interval = Interval::new(r);
-    let seq = s.notifiers().read_begin(&interval);
+    let watcher = Counting { interval: Interval::new(r), calls: AtomicU64::new(0) };
+    // SAFETY: `watcher` outlives the registration, dropped at the end of
+    // this function (it is declared first).
+    let _watching = unsafe { s.notifiers().insert(&watcher) }?;
+    let seq = s.notifiers().read_begin(&watcher.interval);
     let guard = s.read_lock();
     let mut req = RangeFault { range: r, default_flags, pfn_flags_mask: mask, pfns, dev_private_owner: None };
-    range_fault(s, &guard, &interval, seq, &mut req)
+    range_fault(s, &guard, &watcher.interval, seq, &mut req)
 }
 
 const BASE: u64 = 0x1000_0000;
@@ -772,12 +775,15 @@ fn device_private_pages_are_valid_only_for_their_owner() {
         s.set_raw(BASE + 2 * PAGE, 0, private(mine + PAGE, 5, false));
         let cpu = s.map_new(BASE + 3 * PAGE, true);
         let run = |owner: Option<u16>, default_flags: u64| {
-            let interval = Interval::new(r);
+            let watcher = Counting { interval: Interval::new(r), calls: AtomicU64::new(0) };
+            // SAFETY: `watcher` is declared first: it outlives the registration.
+            let _watching = unsafe { s.notifiers().insert(&watcher) }.unwrap();
+            let interval = &watcher.interval;
             let guard = s.read_lock();
             let mut pfns = vec![Pfn(0xdead); 4];
             let mut req =
                 RangeFault { range: r, default_flags, pfn_flags_mask: 0, pfns: &mut pfns, dev_private_owner: owner };
-            let stats = range_fault(&s, &guard, &interval, s.notifiers().read_begin(&interval), &mut req);
+            let stats = range_fault(&s, &guard, interval, s.notifiers().read_begin(interval), &mut req);
             (stats, pfns)
         };
         let (stats, pfns) = run(Some(5), 0);

@@ -164,7 +164,15 @@ pub trait Notifier: Sync {
     /// the driver update lock, and returns true. Returns false only when
     /// `inv.blockable` is false and it would have to wait.
     ///
-    /// Must not allocate, must not wait on a fault-side lock, and must not
-    /// call back into the registry.
+    /// Runs inside [`NotifierRegistry::invalidate_range_start`], on the
+    /// kernel's thread, with whatever locks the kernel holds while it changes
+    /// its tables (often the address-space write lock) and no registry lock;
+    /// callbacks of other invalidations may run at the same time on other
+    /// threads. The entries of `inv.range` still hold their old frames, which
+    /// are not freed before this returns.
+    ///
+    /// Must not allocate, must not wait on a fault-side lock (the
+    /// address-space read lock, or a lock held across a driver's
+    /// `range_fault`), and must not call back into the registry.
     fn invalidate(&self, inv: &InvalidateRange) -> bool;
 }

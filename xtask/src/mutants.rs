@@ -23,7 +23,8 @@ pub const FILES: &[&str] = &[
     "src/notifier/registry.rs",
     "src/notifier/mod.rs",
     "src/fault.rs",
-    "src/mirror.rs",
+    "src/mirror/mod.rs",
+    "src/mirror/fault.rs",
     "src/pt/mirror_table.rs",
     "src/pt/walk.rs",
 ];
