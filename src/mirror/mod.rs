@@ -251,6 +251,12 @@ where
 
     /// Physical address of the table's root, in format `F`: what a driver
     /// hands its hardware. 0 once unregistered.
+    ///
+    /// [`unregister`](Self::unregister) and drop free the root (after
+    /// clearing the table, with `invalidate` + `flush` only if it held
+    /// something): detach the hardware from it before either. A software
+    /// walker from the root with its own grace period must therefore not
+    /// rely on a final `flush` to learn that the root goes away.
     pub fn root(&self) -> u64 {
         self.table.root()
     }

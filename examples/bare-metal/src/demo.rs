@@ -8,7 +8,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use hmm_core::pt::Pfn;
+use hmm_core::pt::{Pfn, TableStats};
 use hmm_core::{Error, MirrorConfig, RegionFlags, VaRange};
 
 use crate::device::{self, DevMirror, Device, dev_pattern, pattern};
@@ -86,6 +86,8 @@ struct Figures {
     /// Cycles per invalidated page in the race: min, median, mean.
     page_cycles: [u64; 3],
     huge_cycles: u64,
+    /// The mirror table while it held the 2 MiB leaf.
+    table: TableStats,
     /// Device counters: accesses, TLB hits, fills, refused fills, update
     /// calls, pages programmed, invalidate calls, flushes, entries dropped.
     device: [u64; 9],
@@ -101,6 +103,15 @@ impl Figures {
         println!("  cpus online:               {}/{} (cpu0 runs the process, cpu1 is the device)", m.online, m.cpus);
         println!("  pages mirrored:            {}", s.pages_mapped);
         println!(
+            "  mirror entries written:    {} ({} huge: the 2 MiB leaf as one entry)",
+            s.entries_mapped, s.huge_mapped
+        );
+        let t = &self.table;
+        println!(
+            "  mirror table at step 9:    {} entries ({} huge), {} table frames",
+            t.leaves, t.huge_leaves, t.frames
+        );
+        println!(
             "  device faults:             {} ({} failed as expected: unmapped, read-only)",
             s.faults, self.fault_errors
         );
@@ -110,7 +121,7 @@ impl Figures {
         let ([f0, f1, f2], [p0, p1, p2]) = (self.fault_cycles, self.page_cycles);
         println!("  cycles per device fault:   median {f1}, min {f0}, mean {f2} (rdtsc around Mirror::fault, race)");
         println!(
-            "  cycles per invalidated pg: median {p1}, min {p0}, mean {p2} (rdtsc in invalidate_range_start, race)"
+            "  cycles per invalidated pg: median {p1}, min {p0}, mean {p2} (rdtsc in invalidate_range_start, race, first half)"
         );
         println!("  2 MiB leaf device fault:   {} cycles, {} per page", self.huge_cycles, self.huge_cycles / 512);
         let [accesses, hits, fills, races, updates, programmed, invalidates, flushes, dropped] = self.device;
@@ -155,7 +166,7 @@ fn scenario(p: &Process, c: &mut Checks) -> Figures {
 
     let mirror_range = range(BASE, 2 * HUGE_SIZE);
     let mr = core::pin::pin!(
-        DevMirror::new(p, &FRAMES, Device::new(), mirror_range, MirrorConfig::default()).expect("mirror")
+        DevMirror::with_format(p, &FRAMES, Device::new(), mirror_range, MirrorConfig::default()).expect("mirror")
     );
     mr.as_ref().register().expect("register");
     let mr: &DevMirror<'_> = &mr;
@@ -218,7 +229,7 @@ fn scenario(p: &Process, c: &mut Checks) -> Figures {
     );
     trace::set(false);
     let d = &mr.device().stats;
-    let before = (get(&d.faults_ok), get(&d.fault_cycles), mr.stats().pages_invalidated, get(&STATS.invalidate_cycles));
+    let before = (get(&d.faults_ok), get(&d.fault_cycles));
     let mut r = race::run(mr, p, a, 4, RACE_ROUNDS);
     let (good, holes) = (r.good, r.holes);
     let faults = get(&d.faults_ok) - before.0;
@@ -226,8 +237,9 @@ fn scenario(p: &Process, c: &mut Checks) -> Figures {
     let mut recent = [0u64; device::SAMPLES];
     let n = mr.device().recent_fault_cycles(&mut recent[..faults.min(device::SAMPLES as u64) as usize]);
     let fault_median = median(&mut recent[..n]);
-    let inv_mean = (get(&STATS.invalidate_cycles) - before.3) / (mr.stats().pages_invalidated - before.2).max(1);
-    let inv_median = median(&mut r.per_page[..r.samples]);
+    let per_page = &mut r.per_page[..r.samples];
+    let inv_mean = per_page.iter().sum::<u64>() / per_page.len().max(1) as u64;
+    let inv_median = median(per_page);
     let inv_min = r.per_page[..r.samples].first().copied().unwrap_or(0);
     let fault_min = recent[..n].first().copied().unwrap_or(0);
     trace::set(true);
@@ -245,7 +257,9 @@ fn scenario(p: &Process, c: &mut Checks) -> Figures {
     for va in pages(huge).step_by(64) {
         cpu.write(va, va);
     }
-    let (huge_faults, mapped, cycles) = (mr.stats().faults, mr.stats().pages_mapped, get(&d.fault_cycles));
+    let before = mr.stats();
+    let (huge_faults, mapped, entries, cycles) =
+        (before.faults, before.pages_mapped, before.entries_mapped, get(&d.fault_cycles));
     trace::set(false); // time the fault without printing in it
     let r = on_device(|| device::fault(mr, huge, false));
     trace::set(true);
@@ -256,9 +270,34 @@ fn scenario(p: &Process, c: &mut Checks) -> Figures {
     let mut snap = [Pfn::NONE; 512];
     let orders = mr.snapshot(huge, &mut snap).is_ok() && snap.iter().all(|p| p.is_valid() && p.order() == 9);
     c.check(orders, "snapshot reports order 9 for every page");
+    let table = mr.table_stats();
+    println!(
+        "    mirror table: {} entries ({} huge), {} table frames; the fault wrote {} entry",
+        table.leaves,
+        table.huge_leaves,
+        table.frames,
+        s.entries_mapped - entries
+    );
+    c.check(s.entries_mapped - entries == 1 && table.huge_leaves == 1, "the 2 MiB leaf is one mirror entry");
+    let va = huge.start() + 300 * PAGE_SIZE;
+    let leaf = on_device(|| device::walk(mr, va));
+    let cpu_frame = p.translate(va).map(|t| t.frame);
+    match leaf {
+        Some(l) => println!(
+            "    device walk from the root (cpu1, no lock): {va:#x} is in a leaf {:#x} -> {:#x} of order {}",
+            l.va, l.pa, l.order
+        ),
+        None => println!("    device walk from the root (cpu1, no lock): {va:#x} not mapped"),
+    }
+    c.check(
+        leaf.is_some_and(|l| l.order == 9 && Some(l.frame(va)) == cpu_frame)
+            && mr.translate(va).is_some_and(|e| e.order() == 9 && Some(e.frame()) == cpu_frame),
+        "device walk and Mirror::translate find an order-9 leaf at the CPU's frame",
+    );
     let invalidated = s.pages_invalidated;
     p.munmap(huge).expect("munmap");
     c.check(mr.stats().pages_invalidated - invalidated == 512, "munmap invalidated all 512 mirrored pages");
+    c.check(mr.table_stats().huge_leaves == 0 && device::walk(mr, va).is_none(), "the mirror entry is gone");
     drop(cpu);
     let stale = mr.device().stale_reads();
     c.check(stale == 0, "zero stale reads overall");
@@ -268,6 +307,7 @@ fn scenario(p: &Process, c: &mut Checks) -> Figures {
         fault_cycles: [fault_min, fault_median, fault_mean],
         page_cycles: [inv_min, inv_median, inv_mean],
         huge_cycles,
+        table,
         device: [
             &d.accesses,
             &d.tlb_hits,

@@ -1,21 +1,32 @@
 //! The simulated device: it runs on an application processor and reaches a
 //! process's memory only through its hmm-core [`Mirror`]: a small TLB, then
-//! the mirror's device-side table (`Mirror::translate`), then a device fault
+//! its own page walker over the mirror's table, then a device fault
 //! (`Mirror::fault`) that hmm-core resolves against the CPU tables. Data is
 //! read and written through the offset map at the physical address the
 //! translation gives.
 //!
+//! # The walker
+//! The mirror table is in x86_64 4-level format ([`X86_64Level4`]), so the
+//! device walks it as an IOMMU walks first-level tables: from
+//! [`Mirror::root`], one atomic load per level, PS leaves at 2 MiB and
+//! 1 GiB, W required at every level. It takes no lock; it walks inside the
+//! device's own [`WalkGate`], and `flush` waits for the walks in flight
+//! there, because directories unlinked before a flush are freed as soon as
+//! it returns.
+//!
 //! # The TLB and flushes
-//! [`Device`] implements [`DeviceOps`]. `update` only counts (the mirror
-//! table is the device's page table); `invalidate` only counts; `flush`
-//! drops TLB entries of the range and bumps the flush generation. Every data
-//! access runs with the TLB lock held, and so does `flush`: when `flush`
-//! returns, no access through a dropped entry is in flight (as a real device
-//! drains outstanding transactions before acknowledging a TLB
-//! invalidation). The TLB lock is a fair ticket lock, so a flush waits for
-//! at most the access in flight. A TLB fill checks that the flush
-//! generation it read before its table walk is unchanged, so a translation
-//! read just before an invalidation can never be cached after it.
+//! [`Device`] implements [`DeviceOps`]. `update` only counts and traces
+//! (the mirror table is the device's page table); `invalidate` only counts;
+//! `flush` drops TLB entries overlapping the range, bumps the flush
+//! generation, then waits for in-flight walks. Every data access runs with
+//! the TLB lock held, and so does the drop in `flush`: when `flush` returns,
+//! no access through a dropped entry is in flight (as a real device drains
+//! outstanding transactions before acknowledging a TLB invalidation). The
+//! TLB lock is a fair ticket lock, so a flush waits for at most the access
+//! in flight. A TLB fill checks that the flush generation it read before
+//! its walk is unchanged, so a translation read just before an invalidation
+//! can never be cached after it. A TLB entry covers a whole leaf: one entry
+//! for a 2 MiB page.
 //!
 //! # Checking data
 //! The CPU side fills pages with [`pattern`]`(va, generation, word)`; the
@@ -27,18 +38,21 @@ use core::ptr;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hmm_core::arch::x86_64::X86_64Level4;
-use hmm_core::pt::Pfn;
+use hmm_core::sync::WalkGate;
 use hmm_core::{DeviceOps, Error, Event, Mirror, VaRange};
 
 use crate::cpu;
 use crate::memory::PAGE_SIZE;
-use crate::memory::frames::FrameAllocator;
+use crate::memory::frames::{FrameAllocator, POISON};
+use crate::memory::paging::{self, ADDR_MASK, HUGE, PRESENT, WRITABLE};
 use crate::memory::phys::phys_to_virt;
 use crate::process::{Process, Show};
 use crate::sync::TicketLock;
 
-/// The mirror type the kernel uses: this device, the kernel allocator.
-pub type DevMirror<'a> = Mirror<'a, Process, Device, FrameAllocator>;
+/// The mirror type the kernel uses: this device, the kernel allocator, and a
+/// table in x86_64 4-level format, which the device walks itself. Build it
+/// with `DevMirror::with_format`.
+pub type DevMirror<'a> = Mirror<'a, Process, Device, FrameAllocator, X86_64Level4>;
 
 /// 64-bit words per page.
 pub const WORDS: usize = (PAGE_SIZE / 8) as usize;
@@ -46,6 +60,9 @@ pub const WORDS: usize = (PAGE_SIZE / 8) as usize;
 const TLB_SLOTS: usize = 8;
 /// Attempts (TLB miss, walk, fault) an access makes before giving up.
 const MAX_ATTEMPTS: u32 = 16;
+/// How long a walk stalled by `walk_delay_us` goes on waiting once the
+/// flush arrived.
+const LINGER_US: u64 = 200;
 
 const CPU_TAG: u64 = 0xa5;
 const DEV_TAG: u64 = 0x5a;
@@ -89,12 +106,12 @@ pub struct Counters {
     pub accesses: AtomicU64,
     /// Accesses served by a TLB hit.
     pub tlb_hits: AtomicU64,
-    /// TLB fills from the mirror table.
+    /// TLB fills from a walk of the mirror table.
     pub tlb_fills: AtomicU64,
     /// Fills dropped because a flush ran during the walk.
     pub fill_races: AtomicU64,
-    /// Fills stalled by `fill_delay_us`.
-    pub stalled_fills: AtomicU64,
+    /// Fills and walks stalled by `fill_delay_us` / `walk_delay_us`.
+    pub stalls: AtomicU64,
     /// Device faults raised to hmm-core (`Mirror::fault`).
     pub faults: AtomicU64,
     /// Device faults that succeeded.
@@ -103,9 +120,9 @@ pub struct Counters {
     pub fault_cycles: AtomicU64,
     /// Device faults that failed (Fault, Perm, Busy, ...).
     pub fault_errors: AtomicU64,
-    /// `update` callbacks / pages they programmed.
+    /// `update` callbacks.
     pub updates: AtomicU64,
-    /// Pages programmed by `update`.
+    /// 4 KiB pages of the ranges `update` was told about.
     pub pages_programmed: AtomicU64,
     /// `invalidate` callbacks.
     pub invalidates: AtomicU64,
@@ -131,24 +148,51 @@ fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
-#[derive(Clone, Copy)]
-struct TlbEntry {
-    page: u64,
-    frame: u64,
-    write: bool,
+/// One leaf translation: what the walker finds and a TLB entry holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    /// First virtual address the leaf maps.
+    pub va: u64,
+    /// Physical address `va` maps to.
+    pub pa: u64,
+    /// log2 of the leaf's size in 4 KiB pages: 0, 9 (2 MiB) or 18 (1 GiB).
+    pub order: u32,
+    /// Writes allowed (W set at every level of the walk).
+    pub write: bool,
+}
+
+impl Leaf {
+    fn last(self) -> u64 {
+        self.va + (PAGE_SIZE << self.order) - 1
+    }
+
+    fn covers(self, va: u64) -> bool {
+        self.va <= va && va <= self.last()
+    }
+
+    fn overlaps(self, range: VaRange) -> bool {
+        self.va <= range.last() && range.start() <= self.last()
+    }
+
+    /// The 4 KiB frame backing `va`, which the leaf covers.
+    pub fn frame(self, va: u64) -> u64 {
+        self.pa + ((va - self.va) & !(PAGE_SIZE - 1))
+    }
 }
 
 struct Tlb {
-    slots: [Option<TlbEntry>; TLB_SLOTS],
+    slots: [Option<Leaf>; TLB_SLOTS],
     next: usize,
 }
 
 /// How many recent device-fault timings [`Device::recent_fault_cycles`] keeps.
 pub const SAMPLES: usize = 512;
 
-/// The device: a TLB plus counters. Owned by its [`Mirror`].
+/// The device: a TLB, a page walker and counters. Owned by its [`Mirror`].
 pub struct Device {
     tlb: TicketLock<Tlb>,
+    /// Walks of the mirror table in flight; `flush` waits for them.
+    walks: WalkGate,
     /// Bumped (under the TLB lock) by every flush.
     flush_gen: AtomicU64,
     /// Counters.
@@ -159,7 +203,12 @@ pub struct Device {
     /// until a flush arrives or this many microseconds pass, so a racing
     /// flush lands in the window the fill must catch.
     pub fill_delay_us: AtomicU64,
-    /// True while a fill is stalled.
+    /// Test knob, 0 normally: stall a walk before it reads the last-level
+    /// table, until a flush arrives (then `LINGER_US` more) or this many
+    /// microseconds pass. A flush that did not wait for the walk would let
+    /// the mirror free that table meanwhile, and the walk read its poison.
+    pub walk_delay_us: AtomicU64,
+    /// True while a fill or walk is stalled.
     pub in_stall: AtomicBool,
 }
 
@@ -168,10 +217,12 @@ impl Device {
     pub fn new() -> Self {
         Self {
             tlb: TicketLock::new(Tlb { slots: [None; TLB_SLOTS], next: 0 }),
+            walks: WalkGate::new(),
             flush_gen: AtomicU64::new(0),
             stats: Counters::default(),
             samples: [const { AtomicU64::new(0) }; SAMPLES],
             fill_delay_us: AtomicU64::new(0),
+            walk_delay_us: AtomicU64::new(0),
             in_stall: AtomicBool::new(false),
         }
     }
@@ -199,11 +250,10 @@ impl Device {
 }
 
 impl DeviceOps for Device {
-    fn update(&self, range: VaRange, pfns: &[Pfn]) -> core::result::Result<(), i32> {
+    fn update(&self, range: VaRange) -> core::result::Result<(), i32> {
         bump(&self.stats.updates, 1);
-        bump(&self.stats.pages_programmed, pfns.len() as u64);
-        let order = pfns.first().map_or(0, |p| p.order());
-        trace!("device: mirror table programmed {} ({} pages, CPU leaf order {order})", Show(range), pfns.len());
+        bump(&self.stats.pages_programmed, range.pages(12));
+        trace!("device: mirror table programmed {} ({} pages)", Show(range), range.pages(12));
         Ok(())
     }
 
@@ -216,13 +266,17 @@ impl DeviceOps for Device {
         let mut tlb = self.tlb.lock();
         let mut dropped = 0;
         for slot in tlb.slots.iter_mut() {
-            if slot.is_some_and(|e| range.contains_addr(e.page << 12)) {
+            if slot.is_some_and(|e| e.overlaps(range)) {
                 *slot = None;
                 dropped += 1;
             }
         }
         self.flush_gen.fetch_add(1, Ordering::Release);
         drop(tlb);
+        // Walks that may have read a directory unlinked before this flush
+        // end before it returns (the mirror frees such directories then).
+        // Flushes run under the mirror's update lock: never two at once.
+        self.walks.synchronize();
         bump(&self.stats.flushes, 1);
         bump(&self.stats.tlb_dropped, dropped);
         trace!("device: TLB flush {}: {dropped} entries dropped", Show(range));
@@ -251,33 +305,86 @@ pub fn fault(m: &DevMirror<'_>, range: VaRange, write: bool) -> Result<(), Error
     r
 }
 
+/// The device's walk of the mirror table for `va`, as an IOMMU walks an
+/// x86_64 4-level table: from [`Mirror::root`], no lock, inside the device's
+/// walk gate (so no directory it reads is freed under it).
+///
+/// The root stays allocated while the mirror is registered; this kernel
+/// never unregisters a mirror while its device runs (dropping one needs it
+/// exclusively).
+pub fn walk(m: &DevMirror<'_>, va: u64) -> Option<Leaf> {
+    let dev = m.device();
+    let _inside = dev.walks.enter();
+    // The test knob: a stall ends at the first flush since the walk began.
+    let (delay, generation) = (dev.walk_delay_us.load(Ordering::Relaxed), dev.flush_gen.load(Ordering::Acquire));
+    let mut table = m.root();
+    if table == 0 {
+        return None;
+    }
+    let mut write = true;
+    for level in (1..=4u32).rev() {
+        if level == 1 && delay > 0 {
+            stall(dev, delay, generation, LINGER_US);
+        }
+        // SAFETY: `table` is the live root or a directory the walk found
+        // linked below it, a frame of the kernel allocator (offset mapped);
+        // a directory unlinked since is freed only after a flush, which
+        // waits for this walk to leave the gate.
+        let raw = paging::load(unsafe { paging::entry(table, paging::index(va, level)) });
+        assert_ne!(raw, POISON, "device walk read a freed table");
+        if raw & PRESENT == 0 {
+            return None;
+        }
+        write &= raw & WRITABLE != 0;
+        if level == 1 || (raw & HUGE != 0 && level < 4) {
+            let order = 9 * (level - 1);
+            let mask = (PAGE_SIZE << order) - 1;
+            return Some(Leaf { va: va & !mask, pa: raw & ADDR_MASK & !mask, order, write });
+        }
+        // Bits 52.. of a directory entry hold hmm-core's live count, which
+        // ADDR_MASK leaves out, as the hardware does.
+        table = raw & ADDR_MASK;
+    }
+    None
+}
+
+/// The test knobs' stall: spins until a flush newer than `generation`
+/// arrives (then `linger_us` more) or `us` microseconds pass.
+fn stall(dev: &Device, us: u64, generation: u64, linger_us: u64) {
+    bump(&dev.stats.stalls, 1);
+    dev.in_stall.store(true, Ordering::SeqCst);
+    let deadline = cpu::Deadline::after_us(us);
+    while dev.flush_gen.load(Ordering::Acquire) == generation && !deadline.expired() {
+        core::hint::spin_loop();
+    }
+    let linger = cpu::Deadline::after_us(linger_us);
+    while !linger.expired() {
+        core::hint::spin_loop();
+    }
+    dev.in_stall.store(false, Ordering::SeqCst);
+}
+
 /// Runs `f` on the 512 words of the page at `va`, as the device: TLB, else
-/// mirror table, else device fault. `f` runs with the TLB lock held, so the
-/// translation it uses cannot be flushed (and its frame freed) meanwhile.
+/// a walk of the mirror table, else device fault. `f` runs with the TLB
+/// lock held, so the translation it uses cannot be flushed (and its frame
+/// freed) meanwhile.
 pub fn access<R>(m: &DevMirror<'_>, va: u64, write: bool, f: impl FnOnce(*mut u64) -> R) -> Result<R, Error> {
     let dev = m.device();
-    let page = va >> 12;
     bump(&dev.stats.accesses, 1);
     for _ in 0..MAX_ATTEMPTS {
         {
             let tlb = dev.tlb.lock();
-            if let Some(e) = tlb.slots.iter().flatten().find(|e| e.page == page && (e.write || !write)) {
+            if let Some(e) = tlb.slots.iter().flatten().find(|e| e.covers(va) && (e.write || !write)) {
                 bump(&dev.stats.tlb_hits, 1);
-                return Ok(f(phys_to_virt(e.frame).cast()));
+                return Ok(f(phys_to_virt(e.frame(va)).cast()));
             }
         }
         let generation = dev.flush_gen.load(Ordering::Acquire);
-        match m.translate(va) {
-            Some(e) if e.is_write() || !write => {
-                let stall = dev.fill_delay_us.load(Ordering::Relaxed);
-                if stall > 0 {
-                    bump(&dev.stats.stalled_fills, 1);
-                    dev.in_stall.store(true, Ordering::SeqCst);
-                    let deadline = cpu::Deadline::after_us(stall);
-                    while dev.flush_gen.load(Ordering::Acquire) == generation && !deadline.expired() {
-                        core::hint::spin_loop();
-                    }
-                    dev.in_stall.store(false, Ordering::SeqCst);
+        match walk(m, va) {
+            Some(e) if e.write || !write => {
+                let delay = dev.fill_delay_us.load(Ordering::Relaxed);
+                if delay > 0 {
+                    stall(dev, delay, generation, 0);
                 }
                 let mut tlb = dev.tlb.lock();
                 if dev.flush_gen.load(Ordering::Acquire) != generation {
@@ -286,9 +393,9 @@ pub fn access<R>(m: &DevMirror<'_>, va: u64, write: bool, f: impl FnOnce(*mut u6
                 }
                 let i = tlb.next;
                 tlb.next = (i + 1) % TLB_SLOTS;
-                tlb.slots[i] = Some(TlbEntry { page, frame: e.frame(), write: e.is_write() });
+                tlb.slots[i] = Some(e);
                 bump(&dev.stats.tlb_fills, 1);
-                return Ok(f(phys_to_virt(e.frame()).cast()));
+                return Ok(f(phys_to_virt(e.frame(va)).cast()));
             }
             _ => fault(m, page_range(va), write)?,
         }

@@ -106,8 +106,13 @@ macro_rules! ok {
 /// (a `&DevMirror`), pinned in the calling frame.
 macro_rules! mirror {
     ($m:ident, $process:expr, $range:expr) => {
-        let $m =
-            core::pin::pin!(ok!(DevMirror::new($process, &FRAMES, Device::new(), $range, MirrorConfig::default())));
+        let $m = core::pin::pin!(ok!(DevMirror::with_format(
+            $process,
+            &FRAMES,
+            Device::new(),
+            $range,
+            MirrorConfig::default()
+        )));
         ok!($m.as_ref().register());
         let $m: &DevMirror<'_> = &$m;
     };
@@ -540,6 +545,7 @@ fn device_read_fault(m: &Machine) -> TestResult {
     for va in pages(region) {
         let (cpu_side, dev_side) = (p.translate(va).map(|t| t.frame), mr.translate(va).map(|e| e.frame()));
         ensure!(cpu_side.is_some() && cpu_side == dev_side, "{va:#x}: cpu {cpu_side:?}, mirror {dev_side:?}");
+        ensure_eq!(device::walk(mr, va).map(|l| (l.frame(va), l.order)), cpu_side.map(|f| (f, 0)));
     }
     let hits = stat(&mr.device().stats.tlb_hits);
     let second = ok!(smp::call(dev, read_all));
@@ -767,14 +773,17 @@ fn device_2mib_leaf(m: &Machine) -> TestResult {
     let handler_calls = stat(&STATS.handler_calls);
     ensure_eq!(ok!(smp::call(dev, || device::fault(mr, region, false))), Ok(()));
     let s = mr.stats();
-    ensure_eq!((s.faults, s.pages_mapped), (1, 512));
+    ensure_eq!((s.faults, s.pages_mapped, s.entries_mapped, s.huge_mapped), (1, 512, 1, 1));
+    ensure_eq!((mr.table_stats().leaves, mr.table_stats().huge_leaves), (1, 1));
     ensure_eq!(stat(&STATS.handler_calls), handler_calls); // present already
     let mut snap = [Pfn::NONE; 512];
     ok!(mr.snapshot(region, &mut snap));
     for (i, (pfn, va)) in snap.iter().zip(pages(region)).enumerate() {
         let expect = chunk + i as u64 * PAGE_SIZE;
         ensure!(pfn.is_valid() && pfn.order() == 9 && pfn.phys() == expect, "page {i}: {pfn:?}");
-        ensure_eq!(mr.translate(va).map(|e| e.frame()), Some(expect));
+        ensure_eq!(mr.translate(va).map(|e| (e.frame(), e.order())), Some((expect, 9)));
+        let leaf = device::walk(mr, va);
+        ensure_eq!(leaf.map(|l| (l.frame(va), l.order, l.va)), Some((expect, 9, BASE)));
     }
     let reads = ok!(smp::call(dev, || [0, 255, 511].map(|i| device::read_generation(mr, BASE + i * PAGE_SIZE))));
     ensure_eq!(reads, [Ok(Some(1)); 3]);
@@ -791,6 +800,8 @@ fn device_2mib_leaf(m: &Machine) -> TestResult {
     ok!(p.munmap(region));
     ensure_eq!(mr.stats().pages_invalidated - invalidated, 512);
     ensure!(pages(region).all(|va| mr.translate(va).is_none()), "mirror still maps the unmapped leaf");
+    ensure!(device::walk(mr, BASE).is_none(), "the device walk still finds the unmapped leaf");
+    ensure_eq!(mr.table_stats().huge_leaves, 1); // the second region's
     ensure_eq!(ok!(smp::call(dev, || device::read_generation(mr, BASE))), Err(Error::Fault));
     no_stale(mr)?;
     Ok(Outcome::Passed)

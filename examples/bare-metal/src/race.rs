@@ -5,9 +5,12 @@
 //!
 //! * First half: after each remap the CPU lets the device read the new
 //!   generation (two passes), so invalidations hit live device translations.
-//! * Second half: the device stalls between its table walk and its TLB fill
-//!   (until a flush arrives, at most 5 ms) and the CPU unmaps during the
-//!   stall, so flushes land in that window and the fill must notice.
+//! * Second half: the device stalls (until a flush arrives, at most 5 ms)
+//!   and the CPU unmaps during the stall. Even rounds stall between the
+//!   table walk and the TLB fill, so flushes land in that window and the
+//!   fill must notice. Odd rounds stall inside the walk, before it reads the
+//!   last-level table, which the unmap empties and the mirror frees after
+//!   the flush: the flush must wait for the walk, or the walk reads poison.
 //! * Each round one to three spare frames are held across the remap, which
 //!   shifts the page-to-frame assignment: a stale translation then finds
 //!   another page's data or poison, rarely the right data by coincidence
@@ -43,7 +46,8 @@ pub struct Race {
     /// CPU-side failure (there should be none).
     pub failed: Option<MapError>,
     /// Cycles in `invalidate_range_start` per mirrored page, per unmap that
-    /// invalidated something.
+    /// invalidated something in the first half (in the second, flushes wait
+    /// for a stalled device on purpose).
     pub per_page: [u64; MAX_ROUNDS],
     /// Valid entries of `per_page`.
     pub samples: usize,
@@ -90,16 +94,23 @@ pub fn run(mr: &DevMirror<'_>, p: &Process, region: VaRange, generation: u64, ro
         for (round, generation) in (generation..).take(rounds).enumerate() {
             let stalling = round >= rounds / 2;
             if stalling {
-                // A stall that began after the previous unmap, still running.
-                mr.device().fill_delay_us.store(5_000, Ordering::Relaxed);
+                // A stall that began after the previous unmap, still running:
+                // between walk and fill, or (odd rounds) inside the walk.
                 let dev = mr.device();
-                wait_until(50_000, || get(&dev.stats.stalled_fills) > stalls && dev.in_stall.load(Ordering::SeqCst));
+                let (on, off) = if round % 2 == 0 {
+                    (&dev.fill_delay_us, &dev.walk_delay_us)
+                } else {
+                    (&dev.walk_delay_us, &dev.fill_delay_us)
+                };
+                off.store(0, Ordering::Relaxed);
+                on.store(5_000, Ordering::Relaxed);
+                wait_until(50_000, || get(&dev.stats.stalls) > stalls && dev.in_stall.load(Ordering::SeqCst));
             }
             let (cycles, invalidated) = (get(&STATS.invalidate_cycles), mr.stats().pages_invalidated);
             p.munmap(region)?;
-            stalls = get(&mr.device().stats.stalled_fills);
+            stalls = get(&mr.device().stats.stalls);
             let pages = mr.stats().pages_invalidated - invalidated;
-            if let Some(per) = (get(&STATS.invalidate_cycles) - cycles).checked_div(pages) {
+            if !stalling && let Some(per) = (get(&STATS.invalidate_cycles) - cycles).checked_div(pages) {
                 per_page[samples] = per;
                 samples += 1;
             }
@@ -127,6 +138,7 @@ pub fn run(mr: &DevMirror<'_>, p: &Process, region: VaRange, generation: u64, ro
     .unwrap_or_else(|e| panic!("device cpu: {e:?}"))
     .err();
     mr.device().fill_delay_us.store(0, Ordering::Relaxed);
+    mr.device().walk_delay_us.store(0, Ordering::Relaxed);
     let other = *other.lock();
     Race { good: get(&good), holes: get(&holes), busy: get(&busy), other, failed, per_page, samples }
 }
