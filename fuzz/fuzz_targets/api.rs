@@ -241,7 +241,9 @@ fn decode([code, a, b, c]: [u8; 4]) -> Op {
         15..=17 => Op::Clear(any_range(c, a, b)),
         18 | 19 => Op::Fork,
         20 => Op::DropChild,
-        21..=24 => Op::CpuWrite { page: a as u16, offset: b as u16 * 17, len: c as u16 * 13, byte: a ^ c, child: c & 1 != 0 },
+        21..=24 => {
+            Op::CpuWrite { page: a as u16, offset: b as u16 * 17, len: c as u16 * 13, byte: a ^ c, child: c & 1 != 0 }
+        }
         25 | 26 => Op::CpuRead { page: a as u16, offset: b as u16 * 17, len: c as u16 * 13, child: c & 1 != 0 },
         27..=34 => Op::DeviceFault { mirror, range: any_range(c, a, b), write: c & 1 != 0 },
         35..=39 => Op::DeviceRead { mirror, page: a as u16, offset: b as u16 * 17, len: c as u16 * 13 },

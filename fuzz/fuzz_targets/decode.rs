@@ -5,16 +5,35 @@
 //! `decode` obeys the contract (Absent only for 0, Table only above level 0,
 //! Leaf only at leaf levels with an aligned frame), and if the decoded view
 //! encodes, decoding that encoding gives the same view back. Arbitrary views
-//! that encode must decode to themselves. `VaRange` constructors never panic
-//! and what they accept is valid for their geometry.
+//! that encode must decode to themselves. The same holds for the software
+//! device format (`SoftFormat`) over the x86_64 4-level geometry and over a
+//! 6-level one, and every `DeviceFormat` decodes a directory entry the same
+//! with or without the mirror's live count in its count bits. `VaRange`
+//! constructors never panic and what they accept is valid for their geometry.
 #![no_main]
 
 use arbitrary::Arbitrary;
+use hmm_core::arch::soft::SoftFormat;
 use hmm_core::arch::x86_64::{X86_64Level4, X86_64Level5};
-use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry};
-use hmm_core::pt::{MirrorEntry, Pfn};
+use hmm_core::arch::{DeviceFormat, LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry, MAX_LEVELS};
+use hmm_core::pt::Pfn;
 use hmm_core::{Error, VaRange};
 use libfuzzer_sys::fuzz_target;
+
+/// A device geometry unlike the CPU's: six levels over 57 bits, not
+/// sign-extended, with a 2-entry root.
+struct Six57;
+impl PagingGeometry for Six57 {
+    const LEVELS: usize = 6;
+    const PAGE_SHIFT: u32 = 12;
+    const INDEX_BITS: [u32; MAX_LEVELS] = [9, 9, 9, 9, 8, 1];
+    const VA_BITS: u32 = 57;
+    const SIGN_EXTEND: bool = false;
+    const LEAF_LEVELS: u32 = 0b111;
+}
+
+type Soft4 = SoftFormat<X86_64Level4>;
+type Soft6 = SoftFormat<Six57>;
 
 #[derive(Arbitrary, Debug)]
 enum ViewSeed {
@@ -96,6 +115,21 @@ fn check_view<F: PteFormat>(view: &PteView, level: usize) {
     }
 }
 
+/// `DeviceFormat` contract item 3: the mirror's live count in a directory
+/// entry's count bits changes nothing a walker decodes.
+fn check_count_bits<F: DeviceFormat>(raw: u64, level: usize) {
+    let Some(shift) = F::COUNT_SHIFT else { return };
+    let v = F::decode(raw, level);
+    if let PteView::Table { .. } = v {
+        let bits = 0x3ffu64 << shift;
+        assert_eq!(F::decode(raw & !bits, level), v, "count bits of {raw:#x} change the directory at {level}");
+        assert_eq!(F::decode(raw | bits, level), v, "count bits of {raw:#x} change the directory at {level}");
+    }
+    if let Ok(dir) = F::encode(&PteView::Table { frame: raw & 0x000f_ffff_ffff_f000, flags: F::DIRECTORY }, level) {
+        assert_eq!(dir & (0x3ffu64 << shift), 0, "a directory encodes with count bits set: {dir:#x}");
+    }
+}
+
 fn check_range<G: PagingGeometry>(start: u64, len: u64) {
     match VaRange::new::<G>(start, len) {
         Ok(r) => {
@@ -133,15 +167,20 @@ fuzz_target!(|input: Input| {
         let level = (level % 8) as usize;
         check_raw::<X86_64Level4>(raw, level);
         check_raw::<X86_64Level5>(raw, level);
+        check_raw::<Soft4>(raw, level);
+        check_raw::<Soft6>(raw, level);
+        check_count_bits::<X86_64Level4>(raw, level);
+        check_count_bits::<Soft4>(raw, level);
+        check_count_bits::<Soft6>(raw, level);
         let _ = Pfn(raw).phys() + Pfn(raw).order() as u64;
-        let e = MirrorEntry::new(raw, level & 1 == 1, level as u16);
-        assert_eq!(e.frame(), raw & !0xfff);
     }
     for (seed, level) in input.views.iter().take(64) {
         let level = (*level % 8) as usize;
         let view = seed.view();
         check_view::<X86_64Level4>(&view, level);
         check_view::<X86_64Level5>(&view, level);
+        check_view::<Soft4>(&view, level);
+        check_view::<Soft6>(&view, level);
     }
     for &(start, len) in input.ranges.iter().take(64) {
         check_range::<X86_64Level4>(start, len);

@@ -206,7 +206,7 @@ pub enum PteView {
 /// The walker trusts a format to describe real hardware tables, so an
 /// implementation must guarantee:
 /// 1. `decode(0, l)` is [`PteView::Absent`] and `encode(&PteView::Absent, l)` is
-///    `Ok(0)` for every level `l`.
+///    `Ok(0)` for every level `l` below `Geometry::LEVELS`.
 /// 2. `decode` returns [`PteView::Table`] only at levels above 0, and only for
 ///    entries the hardware follows to a next-level table at exactly that frame.
 /// 3. `decode` returns [`PteView::Leaf`] only at levels where
@@ -252,7 +252,8 @@ pub unsafe trait DeviceFormat: PteFormat {
     /// First of 10 directory-entry bits the hardware ignores, where the
     /// mirror keeps the number of live entries of the table below (so an
     /// emptied directory is freed without scanning it). `None`: the format
-    /// has no such bits, and the counts live in a companion frame per
-    /// directory table, outside the hardware's entries.
+    /// has no such bits, and the counts live in a companion frame per table
+    /// above level 0, outside the hardware's entries (one more frame per
+    /// directory table: about 1/512 more memory for 4 KiB mappings).
     const COUNT_SHIFT: Option<u32>;
 }

@@ -29,9 +29,10 @@
 //! Each directory entry's table has a count of its live entries, so an
 //! emptied directory is found without scanning it. Where the format has 10
 //! spare directory bits ([`DeviceFormat::COUNT_SHIFT`]) the count lives
-//! there; otherwise every directory table above level 1 gets a companion
-//! frame whose word `i` holds the count of child `i` (bits 0..=9) and the
-//! child's own companion (bits 12..), outside anything the hardware reads.
+//! there; otherwise every table above level 0 (the root included) gets a
+//! companion frame whose word `i` holds the count of child `i` (bits 0..=9)
+//! and the child's own companion (bits 12..), outside anything the hardware
+//! reads.
 
 use crate::arch::{check_geometry, DeviceFormat, LeafFlags, PagingGeometry, PteFormat, PteView};
 use crate::frame::FrameAllocator;
