@@ -268,6 +268,7 @@ where
     /// Maps one CPU leaf's `span`: the whole leaf when it lies in the mirror
     /// and the region and no running invalidation touches it, else the
     /// visited part. Returns what was mapped, entries and huge entries.
+    #[inline]
     fn map_span(
         &self,
         w: &mut TableWriter<F>,
@@ -286,7 +287,9 @@ where
             && !running.overlaps(&whole);
         let (target, pa) = if widen { (whole, frame) } else { (span.range, frame + (span.range.start() - base)) };
         loop {
-            match w.map(self.space.phys(), self.alloc, target, pa, writable) {
+            // `target` lies in the mirror, which `F` translates (checked at
+            // construction), and CPU frames are 4 KiB-aligned.
+            match w.map_checked(self.space.phys(), self.alloc, target, pa, writable) {
                 Ok((entries, huge)) => return Ok((target, entries, huge)),
                 // The CPU maps these pages in smaller pieces now: the old
                 // huge entry goes (device flushed), then map again.

@@ -352,6 +352,20 @@ impl<F: DeviceFormat> TableWriter<F> {
         if pa & 0xfff != 0 {
             return Err(MapError::Failed(Error::Unaligned));
         }
+        self.map_checked(phys, alloc, range, pa, write)
+    }
+
+    /// [`map`](Self::map) of a range already checked for the geometry, with
+    /// `pa` 4 KiB-aligned.
+    #[inline]
+    pub(crate) fn map_checked<P: PhysMem + ?Sized, A: FrameAllocator + ?Sized>(
+        &mut self,
+        phys: &P,
+        alloc: &A,
+        range: VaRange,
+        pa: u64,
+        write: bool,
+    ) -> core::result::Result<(u64, u64), MapError> {
         let mut flags = LeafFlags::READ | LeafFlags::USER;
         flags.set(LeafFlags::WRITE, write);
         let (mut va, last) = (range.start(), range.last());
@@ -372,6 +386,7 @@ impl<F: DeviceFormat> TableWriter<F> {
 
     /// Writes one leaf for `va` (as large as fits `[va, last]` and `pa`'s
     /// alignment); returns its level.
+    #[inline]
     fn map_one<P: PhysMem + ?Sized, A: FrameAllocator + ?Sized>(
         &mut self,
         phys: &P,
@@ -427,6 +442,7 @@ impl<F: DeviceFormat> TableWriter<F> {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     fn write_leaf<P: PhysMem + ?Sized>(
         &mut self,
         phys: &P,
