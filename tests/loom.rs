@@ -1,19 +1,28 @@
 //! Loom model checking of the HMM coherence protocol.
 //!
-//! Quick run (CI), about 90 s on two cores (`m2_two_zaps_and_fault` is
-//! nearly all of it):
+//! Quick run (CI), about 20 s on two cores (`m6_walker_vs_prune_and_refault`
+//! is most of it):
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS=2 cargo test --release --test loom`
-//! Long run: the same with `LOOM_MAX_PREEMPTIONS=3`. Add `-- --nocapture` to
-//! see the number of explored executions and the time of each model.
+//! Long run: the same with `LOOM_MAX_PREEMPTIONS=3`, about 90 s. Add `-- --nocapture` to
+//! see the number of explored executions and the time of each model, and
+//! set `LOOM_PROGRESS=1` to see a long model's progress.
+//! `m2_two_zaps_and_fault` runs at preemption bound 1 whatever
+//! `LOOM_MAX_PREEMPTIONS` says (see [`M2_MAX_PREEMPTIONS`]).
 //! The hmm-core issues these models found are fixed; every model runs.
 //!
 //! Models: (1) a device fault racing munmap / a COW-style remap / munmap of a
-//! hole; (2) a fault racing two overlapping MADV_DONTNEED-style zaps; (3)
-//! notifier insert and remove during an invalidation, and a mirror
+//! hole / a MADV_DONTNEED-style zap; (2) a fault racing two overlapping
+//! zaps; (3) notifier insert and remove during an invalidation, and a mirror
 //! registering while a zap runs; (4) `Mirror::unregister`, drop and
 //! `NotifierRegistry::release` racing a fault or an unmap; (5) misuse of
 //! registration: two `Mirror::register` at once, `register` racing
-//! `unregister`.
+//! `unregister`; (6) a lock-free device walker (`Mirror::translate` in a
+//! loop, a device's TLB-miss path) racing a fault that builds the mirror's
+//! directories, an unmap that prunes them, a zap that prunes them followed
+//! by a fault that builds them again from the freed frames, and
+//! `unregister`; plus the `WalkGate` grace period on its own, and the same
+//! without the grace period, which must be reported; (0) checks of the
+//! entry model itself.
 //!
 //! Under `--cfg loom` the registry, the intervals, the mirror's update lock
 //! and `SpinWait` are loom-modelled (see `src/sync/shim.rs`). The kernel here
@@ -29,17 +38,21 @@
 //! with plain loads; the only ordering an entry change gets is the lock's
 //! release and the kernel's own synchronisation around it (the mmap lock, the
 //! notifier calls). So a walk can read an entry the kernel has already
-//! changed and whose frame it has freed, unless hmm-core's sequence protocol
-//! orders the walk after the change: weakening the registry's end store and
-//! `read_begin`'s loads to `Relaxed` is caught by `m2_two_zaps_and_fault`
-//! ("mirror maps freed frame"), which the earlier model, which read every
-//! entry as sequentially consistent behind an acquire RMW, let pass. The
+//! changed and whose frame it has freed, unless hmm-core's protocol orders
+//! the walk after the change: a fault that maps pages while an overlapping
+//! invalidation runs (the check of `NotifierRegistry`'s running ranges
+//! under the update lock removed) is caught by `m1_fault_vs_zap`,
+//! `m2_two_zaps_and_fault` and `m3_register_during_zap` ("mirror maps freed
+//! frame"); a model that read every entry as sequentially consistent behind
+//! an acquire RMW let such weakenings pass. The
 //! mirror table's frames (from the kernel's frame allocator) are
-//! `Entries::LockOrdered`: plain memory, with loom checking that every
-//! access is ordered (hmm-core touches them only under the update lock).
-//! Freed frames are poisoned and fresh ones zeroed through `loom_pte::fill`,
-//! so entries read after that see the new bytes, and an access racing the
-//! poisoning is a loom causality violation.
+//! `Entries::Atomic` as well: hmm-core writes them under the mirror's update
+//! lock, but device walkers (`Mirror::translate`) read them with no lock at
+//! all, inside a `WalkGate`. Freed frames are poisoned and fresh ones zeroed
+//! through `loom_pte::fill`, so entries read after that see the new bytes,
+//! and an access racing the poisoning is a loom causality violation: a
+//! walker still reading a directory the mirror unlinked and freed without
+//! waiting for it (`WalkGate::synchronize`) is reported.
 //!
 //! Observers (which frames the kernel freed, what the device maps, flags set
 //! after a call returned) are loom atomics used with `Relaxed` only: loom
@@ -56,13 +69,12 @@
 #![cfg(loom)]
 
 use core::pin::Pin;
-use core::sync::atomic::Ordering::{Relaxed, SeqCst};
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use hmm_core::arch::x86_64::X86_64Level4;
 use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView};
 use hmm_core::notifier::FixedStore;
-use hmm_core::pt::Pfn;
 use hmm_core::sync::loom_pte::{self, AtomicEntry, Entries};
-use hmm_core::sync::{RawLock, SpinLock, SpinWait, Waiter};
+use hmm_core::sync::{RawLock, SpinLock, SpinWait, Waiter, WalkGate};
 use hmm_core::{
     AddressSpace, DeviceOps, Error, Event, FrameAllocator, Interval, InvalidateRange, Mirror, MirrorConfig, Notifier,
     NotifierRegistry, PhysMem, Region, RegionFlags, Result, VaRange,
@@ -70,7 +82,7 @@ use hmm_core::{
 use loom::sync::{Mutex, RwLock, RwLockReadGuard};
 use loom::thread;
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// Physical address of the arena.
@@ -172,27 +184,34 @@ fn frame_index(frame: u64) -> usize {
 // ---------------------------------------------------------------------------
 
 /// Runs `f` under loom, counting the explored executions, and prints the count
-/// and the wall time.
+/// and the wall time (and, with `LOOM_PROGRESS` set, the count every 2,000).
 fn model(name: &'static str, f: impl Fn() + Sync + Send + 'static) {
+    model_bounded(name, None, f);
+}
+
+/// [`model`] with a preemption bound of at most `cap`.
+fn model_bounded(name: &'static str, cap: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
     let runs = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&runs);
     let mut builder = loom::model::Builder::new();
+    if let Some(cap) = cap {
+        builder.preemption_bound = Some(builder.preemption_bound.map_or(cap, |b| b.min(cap)));
+    }
     if std::env::var_os("LOOM_MAX_BRANCHES").is_none() {
         // Spin-waits (read_begin, SpinLock) make long executions; loom's
         // default of 1,000 branches is too few for the three-thread models.
         builder.max_branches = MAX_BRANCHES;
     }
+    let bound = builder.preemption_bound.map_or_else(|| "unbounded".into(), |b| b.to_string());
     let t0 = Instant::now();
     builder.check(move || {
-        counter.fetch_add(1, SeqCst);
+        let n = counter.fetch_add(1, SeqCst);
+        if n.is_multiple_of(2000) && std::env::var_os("LOOM_PROGRESS").is_some() {
+            eprintln!("  {n} executions, {:.1?}", t0.elapsed());
+        }
         f();
     });
-    let preemptions = std::env::var("LOOM_MAX_PREEMPTIONS").unwrap_or_else(|_| "unbounded".into());
-    eprintln!(
-        "loom model {name}: {} executions in {:.2?} (LOOM_MAX_PREEMPTIONS={preemptions})",
-        runs.load(SeqCst),
-        t0.elapsed()
-    );
+    eprintln!("loom model {name}: {} executions in {:.2?} (preemption bound {bound})", runs.load(SeqCst), t0.elapsed());
 }
 
 /// Moves `value` to the heap for the rest of the execution, so loom threads
@@ -260,46 +279,100 @@ unsafe impl PhysMem for Ram {
 
 /// The frame allocator: a bitmap under a loom mutex. Freed frames are poisoned.
 ///
-/// Frames it hands out are modelled as `Entries::LockOrdered` (see
-/// `hmm_core::sync::loom_pte`): hmm-core uses them for its mirror table,
-/// which it only touches under the mirror's update lock (the model's device
-/// has no lockless walker), and loom checks exactly that. The kernel's own
-/// tables are `Entries::Atomic` (`Kernel::new`).
+/// Frames it hands out to hmm-core, which builds its mirror table from them,
+/// are modelled as `Entries::Atomic` (see `hmm_core::sync::loom_pte`) while
+/// threads run: device walkers (`Mirror::translate`) read the table without
+/// any lock while faults and invalidations change it under the update lock,
+/// exactly like the kernel's own tables (`Kernel::table_frame`). Plain,
+/// lock-ordered memory would be wrong there: loom would report the walkers'
+/// reads instead of letting them read any store the memory model allows.
+/// Poisoning on free (`loom_pte::fill`) is a write of the frame's loom cell,
+/// so a walker reading a directory freed without a grace period in between
+/// is a loom causality violation.
+///
+/// Only while a model is single-threaded (its setup up to
+/// [`start_threads`], its teardown from [`end_threads`]) are they
+/// `Entries::LockOrdered`: nothing can race then, and inside
+/// `loom_pte::exclusive` that spares loom the thousands of atomics of
+/// hmm-core's 512-entry loops (zeroing a table, freeing one), which made
+/// every execution several times slower.
 struct Frames {
     ram: *const Ram,
-    used: Mutex<u64>,
+    used: Mutex<Bitmaps>,
+    /// Whether the model is single-threaded (see above). Changed only while
+    /// no other loom thread exists, so a plain atomic is enough.
+    single: std::sync::atomic::AtomicBool,
+}
+
+/// The allocator's bitmaps, one bit per frame index.
+#[derive(Default)]
+struct Bitmaps {
+    /// Frames in use.
+    used: u64,
+    /// Of those, frames hmm-core allocated (its mirror table).
+    mirror: u64,
 }
 
 // SAFETY: `ram` points into the `Kernel` that owns this allocator.
 unsafe impl Send for Frames {}
-// SAFETY: as above; the bitmap is behind a mutex.
+// SAFETY: as above; the bitmaps are behind a mutex.
 unsafe impl Sync for Frames {}
 
-impl FrameAllocator for Frames {
-    fn alloc_frame(&self) -> Option<u64> {
+impl Frames {
+    fn new(ram: &Ram) -> Self {
+        Self { ram, used: Mutex::new(Bitmaps::default()), single: std::sync::atomic::AtomicBool::new(true) }
+    }
+
+    fn ptr(&self, frame: u64) -> *mut u8 {
+        // SAFETY: `ram` outlives the allocator.
+        unsafe { (*self.ram).ptr(frame) }
+    }
+
+    /// A free frame, not poisoned, zeroed nor modelled.
+    fn take(&self, mirror: bool) -> Option<u64> {
         let mut used = self.used.lock().unwrap();
-        let i = (!*used).trailing_zeros() as usize;
+        let i = (!used.used).trailing_zeros() as usize;
         if i >= FRAMES {
             return None;
         }
-        *used |= 1 << i;
-        let frame = BASE + i as u64 * PAGE;
-        // SAFETY: the frame is in the arena (`ram` outlives the allocator).
-        loom_pte::model_frame(unsafe { (*self.ram).ptr(frame) }, Entries::LockOrdered);
+        used.used |= 1 << i;
+        used.mirror |= u64::from(mirror) << i;
+        Some(BASE + i as u64 * PAGE)
+    }
+
+    /// Sets whether the model is single-threaded, and models hmm-core's
+    /// frames accordingly (a write of each frame's cell).
+    fn set_single(&self, single: bool) {
+        self.single.store(single, Relaxed);
+        let entries = if single { Entries::LockOrdered } else { Entries::Atomic };
+        let mirror = self.used.lock().unwrap().mirror;
+        for i in (0..FRAMES).filter(|i| mirror & (1 << i) != 0) {
+            loom_pte::model_frame(self.ptr(BASE + i as u64 * PAGE), entries);
+        }
+    }
+}
+
+impl FrameAllocator for Frames {
+    fn alloc_frame(&self) -> Option<u64> {
+        let frame = self.take(true)?;
+        let entries = if self.single.load(Relaxed) { Entries::LockOrdered } else { Entries::Atomic };
+        loom_pte::model_frame(self.ptr(frame), entries);
         Some(frame)
     }
 
     unsafe fn free_frame(&self, frame: u64) {
         let i = frame_index(frame);
         let mut used = self.used.lock().unwrap();
-        assert!(*used & (1 << i) != 0, "double free of {frame:#x}");
+        assert!(used.used & (1 << i) != 0, "double free of {frame:#x}");
         // Poison it while it is still ours: a mirror table still linking a
         // freed directory would read garbage "valid" entries and fail the
         // coherence checks. Through the hook, so entries read afterwards are
-        // the poison, not a stale shadow.
+        // the poison, not a stale shadow, and so that loom reports a walker
+        // reading it without a grace period in between.
         // SAFETY: the frame is in the arena and nobody may use it any more.
-        unsafe { loom_pte::fill((*self.ram).ptr(frame), POISON) };
-        *used &= !(1 << i);
+        unsafe { loom_pte::fill(self.ptr(frame), POISON) };
+        used.used &= !(1 << i);
+        used.mirror &= !(1 << i);
     }
 }
 
@@ -312,6 +385,9 @@ struct Observed {
     device: [loom::sync::atomic::AtomicU64; MAX_PAGES],
     /// Set once `Mirror::unregister` has returned.
     unregistered: loom::sync::atomic::AtomicBool,
+    /// Every frame the CPU has mapped at each page so far, one bit per frame
+    /// index (set before the PTE is written).
+    had: [loom::sync::atomic::AtomicU64; MAX_PAGES],
 }
 
 /// The kernel's view of one process: one region, tables built down to the
@@ -336,7 +412,7 @@ impl<W: Waiter> Kernel<W> {
     /// get a frame at once.
     fn new(count: usize, mapped: u32) -> Self {
         let ram = Box::new(Ram::new());
-        let frames = Frames { ram: &*ram, used: Mutex::new(0) };
+        let frames = Frames::new(&ram);
         let mut k = Self {
             ram,
             frames,
@@ -378,7 +454,7 @@ impl<W: Waiter> Kernel<W> {
     }
 
     fn zeroed_frame(&self) -> Option<u64> {
-        let frame = self.frames.alloc_frame()?;
+        let frame = self.frames.take(false)?;
         // SAFETY: a fresh frame of the arena, ours to write (through the hook:
         // it may have been a mirror table before).
         unsafe { loom_pte::fill(self.ram.ptr(frame), 0) };
@@ -422,6 +498,7 @@ impl<W: Waiter> Kernel<W> {
     /// Demand-zero: maps a fresh frame at `va` (PTE lock held or single-threaded).
     fn map_new(&self, va: u64) -> Result<u64> {
         let frame = self.zeroed_frame().ok_or(Error::NoMemory)?;
+        self.seen.had[((va - VA) / PAGE) as usize].fetch_or(1 << frame_index(frame), Relaxed);
         self.set_pte(va, Self::leaf(frame));
         Ok(frame)
     }
@@ -537,29 +614,64 @@ unsafe impl<W: Waiter> AddressSpace for Kernel<W> {
 // ---------------------------------------------------------------------------
 
 /// A device whose translations are recorded in `Kernel::seen.device`, and
-/// which checks every translation it is given against the CPU tables.
+/// which checks every translation it is given against the CPU tables. Its
+/// MMU reads them from the mirror's table (from `Mirror::root`).
 struct Device<W: Waiter + 'static = SpinWait> {
     k: &'static Kernel<W>,
+    /// The mirror driving it, set once both live at their final address
+    /// (before any thread is spawned).
+    mirror: OnceLock<&'static dyn TableRoot>,
+}
+
+/// `Mirror::root`, without naming the mirror's type (which names the
+/// device's).
+trait TableRoot: Sync {
+    fn root(&self) -> u64;
+}
+
+impl<W: Waiter + 'static, L: RawLock + 'static> TableRoot for DevMirror<W, L> {
+    fn root(&self) -> u64 {
+        Mirror::root(self)
+    }
 }
 
 impl<W: Waiter> Device<W> {
+    /// The frame the mirror's table maps at `va`, walked from `root` as the
+    /// device's MMU walks it. Called under the update lock (in `update`),
+    /// where nothing is freed, so without the walk gate: the `m6` models
+    /// race `Mirror::translate` against the writers instead.
+    fn hw_walk(&self, root: u64, va: u64) -> Option<u64> {
+        let mut table = root;
+        for level in (0..X86_64Level4::LEVELS).rev() {
+            match X86_64Level4::decode(self.k.slot(table, X86_64Level4::index(va, level)).load(Acquire), level) {
+                PteView::Table { frame, .. } if level > 0 => table = frame,
+                PteView::Leaf { frame, .. } => return Some(frame),
+                _ => return None,
+            }
+        }
+        None
+    }
+
     fn pages_of(&self, range: VaRange) -> impl Iterator<Item = usize> + '_ {
         (0..MAX_PAGES).filter(move |&p| range.contains_addr(va(p)))
     }
 }
 
 impl<W: Waiter> DeviceOps for Device<W> {
-    fn update(&self, range: VaRange, pfns: &[Pfn]) -> core::result::Result<(), i32> {
+    fn update(&self, range: VaRange) -> core::result::Result<(), i32> {
         assert!(!self.k.seen.unregistered.load(Relaxed), "device programmed after Mirror::unregister returned");
-        for (i, pfn) in pfns.iter().enumerate() {
-            let va = range.start() + i as u64 * PAGE;
-            assert!(pfn.is_valid(), "update got an invalid pfn at {va:#x}");
-            let frame = pfn.phys();
-            // The update lock is held: an invalidation of `va` cannot have
-            // passed its callback, so the CPU still maps this very frame.
+        let mirror = self.mirror.get().expect("device without its mirror");
+        for page in self.pages_of(range) {
+            let va = va(page);
+            // The device's MMU reads its new translations from the table.
+            let Some(frame) = self.hw_walk(mirror.root(), va) else {
+                panic!("update of {va:#x}, which the mirror does not map");
+            };
+            // The update lock is held and no running invalidation overlaps
+            // the faulted pages: the CPU still maps this very frame.
             assert!(!self.k.is_freed(frame), "device given freed frame {frame:#x} at {va:#x}");
             assert_eq!(self.k.cpu_frame(va), Some(frame), "device given a frame the CPU does not map at {va:#x}");
-            self.k.seen.device[((va - VA) / PAGE) as usize].store(frame, Relaxed);
+            self.k.seen.device[page].store(frame, Relaxed);
         }
         Ok(())
     }
@@ -581,28 +693,70 @@ fn world<W: Waiter + 'static, L: RawLock + 'static>(
     mirrored: u32,
 ) -> (&'static Kernel<W>, &'static DevMirror<W, L>) {
     // Single-threaded: spares loom the mirror table's 512-entry loops.
-    loom_pte::exclusive(|| {
-        let (k, m) = unregistered_world::<W, L>(count, mapped);
+    let (k, m) = loom_pte::exclusive(|| {
+        let (k, m) = build::<W, L>(count, mapped);
         // SAFETY: `m` lives in a box that is never moved; it is dropped in place.
         unsafe { Pin::new_unchecked(m) }.register().expect("register");
         for page in (0..count).filter(|p| mirrored & (1 << p) != 0) {
             m.fault(pages(page, 1), true).expect("setup fault");
         }
         (k, m)
-    })
+    });
+    start_threads(k, m);
+    (k, m)
 }
 
-/// A kernel and a mirror of its whole region, not registered.
+/// A kernel and a mirror of its whole region, not registered. Call it
+/// before spawning.
 fn unregistered_world<W: Waiter + 'static, L: RawLock + 'static>(
     count: usize,
     mapped: u32,
 ) -> (&'static Kernel<W>, &'static DevMirror<W, L>) {
-    loom_pte::exclusive(|| {
-        let k = leak(Kernel::<W>::new(count, mapped));
-        let config = MirrorConfig::default();
-        let mirror = Mirror::with_geometry(k, &k.frames, Device { k }, k.region.range, config).expect("mirror");
-        (k, leak(mirror))
-    })
+    let (k, m) = loom_pte::exclusive(|| build::<W, L>(count, mapped));
+    start_threads(k, m);
+    (k, m)
+}
+
+fn build<W: Waiter + 'static, L: RawLock + 'static>(
+    count: usize,
+    mapped: u32,
+) -> (&'static Kernel<W>, &'static DevMirror<W, L>) {
+    let k = leak(Kernel::<W>::new(count, mapped));
+    let config = MirrorConfig::default();
+    let device = Device { k, mirror: OnceLock::new() };
+    let m: &'static DevMirror<W, L> =
+        leak(Mirror::with_format(k, &k.frames, device, k.region.range, config).expect("mirror"));
+    assert!(m.device().mirror.set(m).is_ok());
+    (k, m)
+}
+
+/// Ends a model's single-threaded setup; call it before the first spawn.
+/// The mirror table's frames become `Entries::Atomic` (see [`Frames`]), and
+/// every entry on the path to a page of the region is accessed here, on the
+/// spawning thread, so that its loom shadow exists before threads race on it
+/// (directories allocated later are zeroed by their writer before any
+/// walker can reach them).
+fn start_threads<W: Waiter + 'static, L: RawLock + 'static>(k: &Kernel<W>, m: &DevMirror<W, L>) {
+    k.frames.set_single(false);
+    let Some(root) = Some(m.root()).filter(|&r| r != 0) else {
+        return;
+    };
+    for page in 0..k.region.range.pages(12) as usize {
+        let mut table = root;
+        for level in (0..X86_64Level4::LEVELS).rev() {
+            let raw = k.slot(table, X86_64Level4::index(va(page), level)).load(Relaxed);
+            match X86_64Level4::decode(raw, level) {
+                PteView::Table { frame, .. } if level > 0 => table = frame,
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Starts a model's single-threaded teardown; call it after the last join.
+/// The mirror table's frames are lock-ordered again (see [`Frames`]).
+fn end_threads<W: Waiter + 'static>(k: &Kernel<W>) {
+    k.frames.set_single(true);
 }
 
 /// Drops the mirror (unregistering it), then the kernel.
@@ -610,6 +764,7 @@ fn unregistered_world<W: Waiter + 'static, L: RawLock + 'static>(
 /// # Safety
 /// As [`reclaim`].
 unsafe fn teardown<W: Waiter + 'static, L: RawLock + 'static>(k: &'static Kernel<W>, m: &'static DevMirror<W, L>) {
+    end_threads(k);
     // SAFETY: forwarded; every thread has been joined (single-threaded).
     loom_pte::exclusive(|| unsafe {
         reclaim(m);
@@ -675,25 +830,40 @@ fn m1_fault_on_hole_vs_unmap() {
     fault_vs_kernel::<SpinWait>("m1_fault_on_hole_vs_unmap", 0b10, 0b10, |k| k.unmap(0));
 }
 
+/// A zap holds the mmap lock only for reading, so unlike munmap it changes
+/// the page while the fault walks the CPU tables: the fault must not map a
+/// page an invalidation that already ran the mirror's callback is changing.
+#[test]
+fn m1_fault_vs_zap() {
+    fault_vs_kernel::<SpinWait>("m1_fault_vs_zap", 0b11, 0b10, |k| k.zap(0, 1));
+}
+
 // ---------------------------------------------------------------------------
 // Model 2: two concurrent, overlapping invalidations plus a fault
 // ---------------------------------------------------------------------------
 
+/// The preemption bound of `m2_two_zaps_and_fault`. Since faults check the
+/// registry's running invalidations under its spin lock (taken by all three
+/// threads), bound 2 does not finish in minutes (over 540,000 executions
+/// after 4 minutes on two cores; with the second zap on page 1 instead,
+/// 1.1 million after 12), bound 1 takes a few hundred. The two-thread
+/// models cover fault-vs-zap at the full bound (`m1_fault_vs_zap`).
+const M2_MAX_PREEMPTIONS: usize = 1;
+
 #[test]
 fn m2_two_zaps_and_fault() {
-    model("m2_two_zaps_and_fault", || {
-        // Page 0 is faulted; the zaps of pages 0-1 and of page 1 overlap (in
-        // page 1; both cover the mirror's interval, so the fault must wait for
-        // the later of the two to end); page 2 stays mirrored. Both zaps hold
-        // the mmap lock for reading, like the fault's walk. The waiter and the
-        // update lock block instead of spinning: with three threads, spinning
-        // makes the state space explode (unfinished after 30 min at
-        // LOOM_MAX_PREEMPTIONS=2); the spinning versions are covered by the
-        // two-thread models.
+    model_bounded("m2_two_zaps_and_fault", Some(M2_MAX_PREEMPTIONS), || {
+        // Page 0 is faulted; the zaps of pages 0-1 and of page 0 both overlap
+        // it, so the fault must not map it while either runs (when one ends
+        // while the other still runs, it waits again); page 2 stays mirrored.
+        // Both zaps hold the mmap lock for reading, like the fault's walk.
+        // The waiter and the update lock block instead of spinning: with
+        // three threads, spinning makes the state space explode; the
+        // spinning versions are covered by the two-thread models.
         let (k, m) = world::<BlockingWait, BlockingLock>(3, 0b111, 0b100);
         let device = thread::spawn(move || m.fault(pages(0, 1), true));
         let zap_a = thread::spawn(move || k.zap(0, 2));
-        let zap_b = thread::spawn(move || k.zap(1, 1));
+        let zap_b = thread::spawn(move || k.zap(0, 1));
         let r = device.join().unwrap();
         zap_a.join().unwrap();
         zap_b.join().unwrap();
@@ -834,8 +1004,9 @@ fn m3_remove_during_invalidation() {
 /// A mirror registering (and faulting) while a zap that started before the
 /// registration, and overlapped no interval then, is running. The zap must
 /// still count (as in Linux, where every invalidation is counted): the insert
-/// is deferred and the new mirror's `read_begin` waits for the zap to end,
-/// else the mirror could map the frame the zap is about to free.
+/// is deferred, and while it is the new mirror's fault counts every running
+/// invalidation as overlapping and waits for the zap to end, else the mirror
+/// could map the frame the zap is about to free.
 #[test]
 fn m3_register_during_zap() {
     model("m3_register_during_zap", || {
@@ -953,6 +1124,7 @@ unsafe fn drop_and_check<W: Waiter + 'static, L: RawLock + 'static>(
     k: &'static Kernel<W>,
     m: &'static DevMirror<W, L>,
 ) {
+    end_threads(k);
     // SAFETY: forwarded; every thread has been joined (single-threaded).
     loom_pte::exclusive(|| unsafe { reclaim(m) });
     assert!(k.notifiers.is_empty(), "the dropped mirror is still registered");
@@ -971,8 +1143,8 @@ fn m5_double_insert() {
         let reg: &'static Registry = leak(Registry::new());
         let probe: &'static Probe = leak(Probe::new());
         // SAFETY (both): the probe outlives its registration (removed below).
-        let a = thread::spawn(move || unsafe { reg.insert(probe) }.map(|r| core::mem::ManuallyDrop::new(r)));
-        let b = thread::spawn(move || unsafe { reg.insert(probe) }.map(|r| core::mem::ManuallyDrop::new(r)));
+        let a = thread::spawn(move || unsafe { reg.insert(probe) }.map(core::mem::ManuallyDrop::new));
+        let b = thread::spawn(move || unsafe { reg.insert(probe) }.map(core::mem::ManuallyDrop::new));
         let (ra, rb) = (a.join().unwrap(), b.join().unwrap());
         assert_eq!(reg.len(), 1, "{} registry entries after a double insert", reg.len());
         let won = match (ra, rb) {
@@ -1064,6 +1236,201 @@ fn m5_register_vs_unregister() {
 }
 
 // ---------------------------------------------------------------------------
+// Model 6: lock-free device walkers
+// ---------------------------------------------------------------------------
+
+/// A device's TLB-miss path: `rounds` lock-free translations of `page`,
+/// returned. Any translation found must be a frame the CPU maps or mapped
+/// there (`Observed::had`: the kernel records a frame before it writes the
+/// PTE, and the mirror's entry is written after it read the PTE, so a
+/// walker that found the entry sees the record), read-write, 4 KiB.
+///
+/// What it must never do is read a freed table frame: the allocator poisons
+/// frames on free through `loom_pte::fill`, a write of the frame's loom cell,
+/// so a walk of a directory freed without a grace period in between is a
+/// loom causality violation (and a poisoned entry would decode to garbage).
+fn device_walks<W: Waiter + 'static, L: RawLock + 'static>(
+    k: &Kernel<W>,
+    m: &DevMirror<W, L>,
+    page: usize,
+    rounds: usize,
+) -> Vec<Option<u64>> {
+    (0..rounds)
+        .map(|_| {
+            let e = m.translate(va(page))?;
+            let had = k.seen.had[page].load(Relaxed);
+            assert!(
+                had & (1 << frame_index(e.frame())) != 0,
+                "walker translated page {page} to {:#x}, which the CPU never mapped there",
+                e.frame()
+            );
+            assert!(e.is_write() && e.order() == 0, "walker found {e:?} at page {page}");
+            Some(e.frame())
+        })
+        .collect()
+}
+
+/// Asserts that a walker's translations went through `phases` in order
+/// (each phase may be skipped or repeated, none may come back).
+fn assert_phases(seen: &[Option<u64>], phases: &[Option<u64>]) {
+    let mut at = 0;
+    for s in seen {
+        let Some(i) = phases[at..].iter().position(|p| p == s) else {
+            panic!("walker saw {seen:x?}, not in the order {phases:x?}");
+        };
+        at += i;
+    }
+}
+
+/// A walker racing the fault that builds the table: the mirror starts empty
+/// (a root only), so the fault allocates, zeroes and links three
+/// directories while the walker may be walking into them. It finds nothing
+/// or the page, and once it found the page it keeps finding it.
+#[test]
+fn m6_walker_vs_fault() {
+    model("m6_walker_vs_fault", || {
+        let (k, m) = world::<SpinWait, SpinLock>(1, 0b1, 0b0);
+        assert_eq!(m.table_frames(), 1);
+        let frame = k.cpu_frame(va(0)).expect("page 0 is mapped");
+        let walker = thread::spawn(move || device_walks(k, m, 0, 3));
+        assert_eq!(m.fault(pages(0, 1), true), Ok(()));
+        assert_phases(&walker.join().unwrap(), &[None, Some(frame)]);
+        assert_eq!(m.translate(va(0)).map(|e| e.frame()), Some(frame));
+        assert_eq!(m.table_frames(), 4);
+        assert_coherent(k, m, 1);
+        // SAFETY: the walker joined.
+        unsafe { teardown(k, m) };
+    });
+}
+
+/// A walker racing an unmap that prunes the table: page 0 is the only page
+/// mirrored, so clearing it empties its leaf table and, with it, every
+/// directory below the root. All three are unlinked, the device flushes,
+/// and they are freed (poisoned) after the walk gate's grace period: the
+/// walker, which may have loaded any of them, must have left by then.
+#[test]
+fn m6_walker_vs_pruning_unmap() {
+    model("m6_walker_vs_pruning_unmap", || {
+        let (k, m) = world::<SpinWait, SpinLock>(1, 0b1, 0b1);
+        assert_eq!(m.table_frames(), 4);
+        let frame = k.cpu_frame(va(0)).expect("page 0 is mapped");
+        let walker = thread::spawn(move || device_walks(k, m, 0, 3));
+        k.unmap(0);
+        assert_phases(&walker.join().unwrap(), &[Some(frame), None]);
+        assert_eq!(m.translate(va(0)), None);
+        assert_eq!(m.table_frames(), 1, "emptied directories were not freed");
+        assert_coherent(k, m, 1);
+        // SAFETY: the walker joined.
+        unsafe { teardown(k, m) };
+    });
+}
+
+/// A walker racing a zap that prunes the table and a fault that builds it
+/// again, from the frames just freed (the allocator hands out the lowest
+/// free frame): a walker still holding a directory of the old table must
+/// not read it once it is freed, poisoned and zeroed again as a directory
+/// (or data frame) of the new one. The walker sees the old frame, nothing,
+/// the new frame, in that order.
+#[test]
+fn m6_walker_vs_prune_and_refault() {
+    model("m6_walker_vs_prune_and_refault", || {
+        let (k, m) = world::<SpinWait, SpinLock>(1, 0b1, 0b1);
+        let old = k.cpu_frame(va(0)).expect("page 0 is mapped");
+        let walker = thread::spawn(move || device_walks(k, m, 0, 3));
+        k.zap(0, 1);
+        assert_eq!(m.fault(pages(0, 1), true), Ok(()));
+        let new = k.cpu_frame(va(0)).expect("faulted in again");
+        assert_ne!(new, old);
+        assert_phases(&walker.join().unwrap(), &[Some(old), None, Some(new)]);
+        assert_eq!(m.table_frames(), 4);
+        assert_coherent(k, m, 1);
+        // SAFETY: the walker joined.
+        unsafe { teardown(k, m) };
+    });
+}
+
+/// A walker racing `unregister`, which empties the table (pruning every
+/// directory, one grace period), then unpublishes the root and frees it
+/// after a second grace period. Dropping the mirror takes the same path
+/// (`take_emptied`, then `TableWriter::destroy`), but cannot race a
+/// `translate` in safe Rust, which borrows the mirror.
+#[test]
+fn m6_walker_vs_unregister() {
+    model("m6_walker_vs_unregister", || {
+        let (k, m) = world::<SpinWait, SpinLock>(1, 0b1, 0b1);
+        let frame = k.cpu_frame(va(0)).expect("page 0 is mapped");
+        let walker = thread::spawn(move || device_walks(k, m, 0, 3));
+        m.unregister().unwrap();
+        k.seen.unregistered.store(true, Relaxed);
+        assert_phases(&walker.join().unwrap(), &[Some(frame), None]);
+        assert_eq!(m.translate(va(0)), None);
+        assert_eq!(m.root(), 0);
+        assert_eq!(m.table_frames(), 0);
+        assert_eq!(k.seen.device[0].load(Relaxed), 0, "device still maps page 0");
+        // SAFETY: the walker joined.
+        unsafe { teardown(k, m) };
+    });
+}
+
+/// Written over an object of the `WalkGate` models when it is freed.
+const FREED: u64 = 0xdead;
+
+/// `WalkGate` on its own: a reader enters twice and each time reads the
+/// object a writer publishes; the writer replaces object 0 by object 1,
+/// then unpublishes object 1, each time freeing the old object (writing
+/// `FREED` through a loom cell) after `synchronize` (if `grace`). Two
+/// grace periods, so both reader slots are used.
+fn walk_gate_model(name: &'static str, grace: bool) {
+    model(name, move || {
+        let gate: &'static WalkGate = leak(WalkGate::new());
+        let objects: &'static [loom::cell::UnsafeCell<u64>; 2] =
+            leak([loom::cell::UnsafeCell::new(1), loom::cell::UnsafeCell::new(2)]);
+        // The published object: 1 + its index, 0 for none.
+        let published: &'static loom::sync::atomic::AtomicUsize = leak(loom::sync::atomic::AtomicUsize::new(1));
+        let reader = thread::spawn(move || {
+            for _ in 0..2 {
+                let _inside = gate.enter();
+                let p = published.load(Acquire);
+                if p != 0 {
+                    // SAFETY: loom checks that no write (the free) races it.
+                    let value = objects[p - 1].with(|v| unsafe { *v });
+                    assert_ne!(value, FREED, "reader inside the gate reads freed object {}", p - 1);
+                    assert_eq!(value, p as u64);
+                }
+            }
+        });
+        for (old, new) in [(0, 2), (1, 0)] {
+            published.store(new, Release);
+            if grace {
+                gate.synchronize();
+            }
+            // SAFETY: loom checks that no read races it.
+            objects[old].with_mut(|v| unsafe { *v = FREED });
+        }
+        reader.join().unwrap();
+        // SAFETY: the reader joined.
+        unsafe {
+            reclaim(published);
+            reclaim(objects);
+            reclaim(gate);
+        }
+    });
+}
+
+#[test]
+fn m6_walk_gate() {
+    walk_gate_model("m6_walk_gate", true);
+}
+
+/// The same without the grace period: the model must catch the reader of a
+/// freed object (so `m6_walk_gate` passing means something).
+#[test]
+#[should_panic(expected = "Causality violation")]
+fn m6_walk_gate_without_grace_period_is_reported() {
+    walk_gate_model("m6_walk_gate_without_grace_period_is_reported", false);
+}
+
+// ---------------------------------------------------------------------------
 // Model 0: the entry model itself
 // ---------------------------------------------------------------------------
 
@@ -1100,16 +1467,36 @@ fn m0_pte_load_may_be_stale() {
     );
 }
 
-/// Unordered accesses of a lock-ordered frame (the mirror table's) are
-/// reported, not silently given the latest value.
+/// Unordered accesses of a lock-ordered frame are reported, not silently
+/// given the latest value. (The models use the mode only while they are
+/// single-threaded: the mirror table has lock-free walkers. This checks it.)
 #[test]
 #[should_panic(expected = "Causality violation")]
-fn m0_unordered_mirror_table_access_is_reported() {
-    model("m0_unordered_mirror_table_access_is_reported", || {
+fn m0_unordered_lock_ordered_access_is_reported() {
+    model("m0_unordered_lock_ordered_access_is_reported", || {
         let k = loom_pte::exclusive(|| leak(Kernel::<SpinWait>::new(1, 0)));
         let table = k.frames.alloc_frame().expect("frame");
+        loom_pte::model_frame(k.ram.ptr(table), Entries::LockOrdered);
         let other = thread::spawn(move || k.slot(table, 1).store(1, Relaxed));
         k.slot(table, 2).load(Relaxed);
         other.join().unwrap();
+    });
+}
+
+/// An entry access of an `Atomic` frame (a mirror table's) racing the
+/// frame's poisoning on free is reported: what the `m6` models rely on to
+/// catch a walker reading a freed directory.
+#[test]
+#[should_panic(expected = "Causality violation")]
+fn m0_entry_access_racing_free_is_reported() {
+    model("m0_entry_access_racing_free_is_reported", || {
+        let k = loom_pte::exclusive(|| leak(Kernel::<SpinWait>::new(1, 0)));
+        k.frames.set_single(false);
+        let table = k.frames.alloc_frame().expect("frame");
+        k.slot(table, 1).store(0, Relaxed);
+        let walker = thread::spawn(move || k.slot(table, 1).load(Acquire));
+        // SAFETY: the frame is ours (allocated above); the race is the point.
+        unsafe { k.frames.free_frame(table) };
+        walker.join().unwrap();
     });
 }

@@ -13,14 +13,20 @@
 //!   The shadow is the value: every access is a loom atomic operation with the
 //!   ordering the caller passed, so loom interleaves threads around it and
 //!   chooses which store a load reads, as weakly as the memory model allows.
-//!   For tables read without a lock while others change them (a CPU page
-//!   table walked by hmm-core while the kernel edits it).
+//!   For tables read without a lock while others change them: a CPU page
+//!   table walked by hmm-core while the kernel edits it, and hmm-core's
+//!   mirror table, walked by device walkers (`MirrorTable::translate`)
+//!   without a lock while faults and invalidations edit it under the update
+//!   lock.
 //! - [`Entries::LockOrdered`]: the entries are plain memory, and loom checks
 //!   that every access of the frame happens after every conflicting one (a
 //!   load is a read and a store a write of one loom cell per frame, which
-//!   panics with "Causality violation" otherwise). For tables that all users
-//!   access under one lock (a mirror table without a lockless device walker):
-//!   there atomic accesses could only return the latest value anyway.
+//!   panics with "Causality violation" otherwise). Only for tables that all
+//!   users access under one lock, or while a single thread runs (a test
+//!   kernel's setup and teardown, where it spares loom the atomics of
+//!   512-entry loops inside [`exclusive`]): there atomic accesses could only
+//!   return the latest value anyway. Not for a mirror table while device
+//!   walkers may run: they take no lock.
 //!
 //! A test kernel performs its own entry accesses through
 //! [`AtomicEntry::from_ptr`], so both sides meet in the same shadows; says how
