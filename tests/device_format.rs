@@ -6,56 +6,18 @@
 //! leaves encode with READ | USER plus any of WRITE / ACCESSED / DIRTY at
 //! every allowed level) for `SoftFormat` and x86_64.
 
+mod common;
+
+use common::geometries::{L4Pages, Six48, Six57};
 use hmm_core::arch::soft::SoftFormat;
 use hmm_core::arch::x86_64::{X86_64Level4, X86_64Level5};
-use hmm_core::arch::{
-    check_geometry, DeviceFormat, LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry, MAX_LEVELS,
-};
+use hmm_core::arch::{DeviceFormat, LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry};
 use hmm_core::Error;
 use proptest::prelude::*;
 
-/// Six levels over 57 bits (a 2-entry root, a 256-entry level 4), leaves of
-/// 4 KiB, 2 MiB and 1 GiB.
-struct Six57;
-impl PagingGeometry for Six57 {
-    const LEVELS: usize = 6;
-    const PAGE_SHIFT: u32 = 12;
-    const INDEX_BITS: [u32; MAX_LEVELS] = [9, 9, 9, 9, 8, 1];
-    const VA_BITS: u32 = 57;
-    const SIGN_EXTEND: bool = false;
-    const LEAF_LEVELS: u32 = 0b111;
-}
-
-/// x86_64 4-level geometry with 4 KiB leaves only.
-struct Pages4;
-impl PagingGeometry for Pages4 {
-    const LEVELS: usize = 4;
-    const PAGE_SHIFT: u32 = 12;
-    const INDEX_BITS: [u32; MAX_LEVELS] = [9; MAX_LEVELS];
-    const VA_BITS: u32 = 48;
-    const SIGN_EXTEND: bool = true;
-    const LEAF_LEVELS: u32 = 0b1;
-}
-
-/// Six levels of 64-entry tables over 48 bits: leaves of 4 KiB, 256 KiB
-/// and 16 MiB.
-struct Six48;
-impl PagingGeometry for Six48 {
-    const LEVELS: usize = 6;
-    const PAGE_SHIFT: u32 = 12;
-    const INDEX_BITS: [u32; MAX_LEVELS] = [6; MAX_LEVELS];
-    const VA_BITS: u32 = 48;
-    const SIGN_EXTEND: bool = false;
-    const LEAF_LEVELS: u32 = 0b111;
-}
-
-const _: () = assert!(check_geometry(6, 12, [9, 9, 9, 9, 8, 1], 57, 0b111));
-const _: () = assert!(check_geometry(4, 12, [9; MAX_LEVELS], 48, 0b1));
-const _: () = assert!(check_geometry(6, 12, [6; MAX_LEVELS], 48, 0b111));
-
 type S4 = SoftFormat<X86_64Level4>;
 type S6 = SoftFormat<Six57>;
-type SP = SoftFormat<Pages4>;
+type SP = SoftFormat<L4Pages>;
 type S64 = SoftFormat<Six48>;
 
 const R: LeafFlags = LeafFlags::READ;
@@ -491,8 +453,8 @@ proptest! {
     }
 
     #[test]
-    fn round_trip_4k_only((level, view) in encodable::<Pages4>()) {
-        check_round_trip::<Pages4>(level, view)?;
+    fn round_trip_4k_only((level, view) in encodable::<L4Pages>()) {
+        check_round_trip::<L4Pages>(level, view)?;
     }
 
     #[test]
@@ -500,7 +462,7 @@ proptest! {
         check_spec::<X86_64Level4>(&view, level)?;
         check_spec::<Six57>(&view, level)?;
         check_spec::<Six48>(&view, level)?;
-        check_spec::<Pages4>(&view, level)?;
+        check_spec::<L4Pages>(&view, level)?;
     }
 
     #[test]
@@ -508,7 +470,7 @@ proptest! {
         check_decode::<X86_64Level4>(raw, level)?;
         check_decode::<Six57>(raw, level)?;
         check_decode::<Six48>(raw, level)?;
-        check_decode::<Pages4>(raw, level)?;
+        check_decode::<L4Pages>(raw, level)?;
     }
 
     #[test]

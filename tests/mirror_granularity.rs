@@ -10,12 +10,13 @@
 
 mod common;
 
+use common::geometries::{L4No1G, L4Pages, Six48, Six57, Three36};
 use common::*;
 use core::marker::PhantomData;
 use core::pin::pin;
 use hmm_core::arch::soft::SoftFormat;
 use hmm_core::arch::x86_64::X86_64Level4;
-use hmm_core::arch::{check_geometry, DeviceFormat, LeafFlags, PagingGeometry, PteFormat, PteView, MAX_LEVELS};
+use hmm_core::arch::{DeviceFormat, LeafFlags, PagingGeometry, PteFormat, PteView};
 use hmm_core::pt::{Cleared, MapError, MirrorEntry, MirrorTable, Reclaim, TableStats, TableWriter};
 use hmm_core::sync::SpinLock;
 use hmm_core::{DeviceOps, Error, Event, Mirror, MirrorConfig, MirrorStats, VaRange};
@@ -29,71 +30,6 @@ const GIB: u64 = 1 << 30;
 
 // ---------------------------------------------------------------------------
 // Device geometries and formats used below.
-
-/// x86_64 4-level geometry whose only leaves are 4 KiB.
-struct L4Pages;
-impl PagingGeometry for L4Pages {
-    const LEVELS: usize = 4;
-    const PAGE_SHIFT: u32 = 12;
-    const INDEX_BITS: [u32; MAX_LEVELS] = [9; MAX_LEVELS];
-    const VA_BITS: u32 = 48;
-    const SIGN_EXTEND: bool = true;
-    const LEAF_LEVELS: u32 = 0b1;
-}
-
-/// x86_64 4-level geometry with 4 KiB and 2 MiB leaves but no 1 GiB leaves.
-struct L4No1G;
-impl PagingGeometry for L4No1G {
-    const LEVELS: usize = 4;
-    const PAGE_SHIFT: u32 = 12;
-    const INDEX_BITS: [u32; MAX_LEVELS] = [9; MAX_LEVELS];
-    const VA_BITS: u32 = 48;
-    const SIGN_EXTEND: bool = true;
-    const LEAF_LEVELS: u32 = 0b11;
-}
-
-/// Six levels over 57-bit addresses, not sign-extended: a 2-entry root, a
-/// 256-entry level 4, and x86_64-sized levels 0-3 (leaves of 4 KiB, 2 MiB
-/// and 1 GiB, as on the CPU).
-struct Six57;
-impl PagingGeometry for Six57 {
-    const LEVELS: usize = 6;
-    const PAGE_SHIFT: u32 = 12;
-    const INDEX_BITS: [u32; MAX_LEVELS] = [9, 9, 9, 9, 8, 1];
-    const VA_BITS: u32 = 57;
-    const SIGN_EXTEND: bool = false;
-    const LEAF_LEVELS: u32 = 0b111;
-}
-
-/// Six levels of 64-entry tables over 48-bit addresses: leaves of 4 KiB,
-/// 256 KiB and 16 MiB, none of the CPU's huge sizes.
-struct Six48;
-impl PagingGeometry for Six48 {
-    const LEVELS: usize = 6;
-    const PAGE_SHIFT: u32 = 12;
-    const INDEX_BITS: [u32; MAX_LEVELS] = [6; MAX_LEVELS];
-    const VA_BITS: u32 = 48;
-    const SIGN_EXTEND: bool = false;
-    const LEAF_LEVELS: u32 = 0b111;
-}
-
-/// Three levels of different widths (9, 8, 7 bits) over 36-bit addresses:
-/// leaves of 4 KiB and 2 MiB; level 2 (512 MiB entries) holds none.
-struct Three36;
-impl PagingGeometry for Three36 {
-    const LEVELS: usize = 3;
-    const PAGE_SHIFT: u32 = 12;
-    const INDEX_BITS: [u32; MAX_LEVELS] = [9, 8, 7, 0, 0, 0];
-    const VA_BITS: u32 = 36;
-    const SIGN_EXTEND: bool = false;
-    const LEAF_LEVELS: u32 = 0b011;
-}
-
-const _: () = assert!(check_geometry(4, 12, [9; MAX_LEVELS], 48, 0b1));
-const _: () = assert!(check_geometry(4, 12, [9; MAX_LEVELS], 48, 0b11));
-const _: () = assert!(check_geometry(6, 12, [9, 9, 9, 9, 8, 1], 57, 0b111));
-const _: () = assert!(check_geometry(6, 12, [6; MAX_LEVELS], 48, 0b111));
-const _: () = assert!(check_geometry(3, 12, [9, 8, 7, 0, 0, 0], 36, 0b011));
 
 /// Format `F` with its live counts kept in companion frames (one per
 /// directory table) instead of spare directory-entry bits.

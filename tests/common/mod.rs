@@ -2,6 +2,7 @@
 //! whose every access is checked against the CPU tables, and a mirror.
 #![allow(dead_code)]
 
+pub mod geometries;
 pub mod hooked;
 pub mod watchdog;
 
