@@ -78,11 +78,6 @@ fn unit<T>(r: hmm_core::Result<T>) -> hmm_core::Result<()> {
     r.map(|_| ())
 }
 
-/// `read_begin` of an interval (returns at once when it is unregistered).
-fn interval_seq<S: AddressSpace>(interval: &Interval, space: &S) -> u64 {
-    space.notifiers().read_begin(interval)
-}
-
 /// A notifier that refuses every non-blockable invalidation.
 struct Refusing {
     interval: Interval,
@@ -344,7 +339,7 @@ fn every_entry_point_rejects_bad_input_with_the_exact_error() {
             dev_private_owner: None,
         };
         t.row("range_fault: unregistered interval", Err(Error::Unregistered), &fp, &mut || {
-            unit(range_fault(&space, &space.read_lock(), interval, interval_seq(interval, &space), &mut req))
+            unit(range_fault(&space, &space.read_lock(), interval, space.notifiers().read_begin(interval), &mut req))
         });
         // SAFETY: `watcher` outlives `watching`, which is dropped (removed)
         // before the end of this block.

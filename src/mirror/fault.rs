@@ -70,17 +70,28 @@ where
     pub fn fault(&self, range: VaRange, write: bool) -> Result<()> {
         self.check_fault_range(range)?;
         bump(&self.counters.faults, 1);
+        // Everything this fault mapped so far: all or nothing.
+        let mut done = None;
+        let result = self.attempts(range, write, &mut done);
+        if let (Err(_), Some(d)) = (result, done) {
+            if let Some(w) = self.writer.lock().as_mut() {
+                self.clear_range(w, d, Event::Clear);
+            }
+        }
+        result
+    }
+
+    /// The attempts of one fault, each resuming where the last stopped;
+    /// `done` grows by what each maps.
+    fn attempts(&self, range: VaRange, write: bool, done: &mut Option<VaRange>) -> Result<()> {
         let notifiers = self.space.notifiers();
         let started = self.config.clock.map(|c| c());
         let mut retries = 0u32;
         let mut va = range.start();
         let mut stuck = (None, 0u32);
-        // Everything this fault mapped so far, cleared again on error.
-        let mut done = None;
         let mut calls = 0u64;
         loop {
             if self.over_budget(started, retries) {
-                self.undo(&mut done);
                 return Err(Error::Busy);
             }
             let rest = VaRange::from_inclusive(va, range.last());
@@ -97,7 +108,7 @@ where
                 if running.overlaps(&rest) {
                     None
                 } else {
-                    Some(self.attempt(w, &guard, rest, write, &running, &mut done)?)
+                    Some(self.attempt(w, &guard, rest, write, &running, done)?)
                 }
             };
             match stop {
@@ -107,7 +118,6 @@ where
                     retries += 1;
                     bump(&self.counters.retries, 1);
                     if self.over_budget(started, retries) {
-                        self.undo(&mut done);
                         return Err(Error::Busy);
                     }
                     let quiet = notifiers.wait_quiet(&self.interval, rest, &mut || {
@@ -116,7 +126,6 @@ where
                         self.over_budget(started, retries)
                     });
                     if !quiet {
-                        self.undo(&mut done);
                         return Err(Error::Busy);
                     }
                 }
@@ -125,35 +134,22 @@ where
                     if stuck.0 == Some(run.start()) {
                         stuck.1 += 1;
                         if stuck.1 >= MAX_FAULTS_WITHOUT_PROGRESS {
-                            self.undo(&mut done);
                             return Err(Error::Fault);
                         }
                     } else {
                         stuck = (Some(run.start()), 0);
                     }
-                    if let Err(e) = self.space.handle_fault(&guard, run, write) {
-                        self.undo(&mut done);
-                        return Err(e);
-                    }
+                    self.space.handle_fault(&guard, run, write)?;
                     bump(&self.counters.handler_calls, 1);
                     // One handler call per page is progress; a kernel that
                     // keeps evicting what it faulted in pays from the budget.
                     calls += 1;
-                    if calls > range.pages(12) {
+                    if calls > range.pages(CpuGeometry::<S>::PAGE_SHIFT) {
                         retries += 1;
                         bump(&self.counters.retries, 1);
                     }
                     va = run.start();
                 }
-            }
-        }
-    }
-
-    /// Clears what a failing fault mapped in earlier attempts.
-    fn undo(&self, done: &mut Option<VaRange>) {
-        if let Some(d) = done.take() {
-            if let Some(w) = self.writer.lock().as_mut() {
-                self.clear_range(w, d, Event::Clear);
             }
         }
     }
@@ -193,21 +189,14 @@ where
         if let Some(range) = mapped.range {
             *done = Some(done.map_or(range, |d| d.hull(&range)));
         }
-        let outcome = match (outcome, mapped.range) {
-            (Ok(stop), Some(range)) => self.device.update(range).map(|()| stop).map_err(Error::Device),
-            (outcome, _) => outcome,
+        let stop = match (outcome?, mapped.range) {
+            (stop, Some(range)) => self.device.update(range).map(|()| stop).map_err(Error::Device)?,
+            (stop, None) => stop,
         };
-        if outcome.is_err() {
-            // All or nothing: what this fault mapped goes again.
-            if let Some(d) = done.take() {
-                self.clear_range(w, d, Event::Clear);
-            }
-            return outcome;
-        }
         bump(&self.counters.pages_mapped, mapped.pages);
         bump(&self.counters.entries_mapped, mapped.entries);
         bump(&self.counters.huge_mapped, mapped.huge);
-        outcome
+        Ok(stop)
     }
 
     /// Walks `part` (inside `region`): maps usable pages until a missing run
@@ -233,7 +222,7 @@ where
                     match self.map_span(w, span, frame, writable, region, running) {
                         Ok((target, entries, huge)) => {
                             mapped.range = Some(mapped.range.map_or(target, |m| m.hull(&target)));
-                            mapped.pages += target.pages(12);
+                            mapped.pages += target.pages(CpuGeometry::<S>::PAGE_SHIFT);
                             mapped.entries += entries;
                             mapped.huge += huge;
                             ControlFlow::Continue(())

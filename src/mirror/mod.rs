@@ -33,7 +33,7 @@ use crate::arch::{DeviceFormat, PteFormat};
 use crate::fault::{range_fault, RangeFault};
 use crate::frame::FrameAllocator;
 use crate::notifier::{Event, Interval, InvalidateRange, Notifier, Registration};
-use crate::pt::{Cleared, MirrorEntry, MirrorTable, Pfn, Reclaim, TableStats, TableWriter};
+use crate::pt::{MirrorEntry, MirrorTable, Pfn, Reclaim, TableStats, TableWriter};
 use crate::range::VaRange;
 use crate::space::AddressSpace;
 use crate::sync::{LockCell, RawLock, SpinLock};
@@ -200,21 +200,16 @@ where
     /// Clears `range` from the table, has the device invalidate and flush
     /// what was there, and only then frees the directories left empty
     /// (repeating while more were unlinked than one pass can hold). Under
-    /// the update lock.
-    fn clear_range(&self, w: &mut TableWriter<F>, range: VaRange, event: Event) -> Cleared {
+    /// the update lock. Returns the 4 KiB pages whose entries went.
+    fn clear_range(&self, w: &mut TableWriter<F>, range: VaRange, event: Event) -> u64 {
         let phys = self.space.phys();
         let mut reclaim = Reclaim::new();
-        let mut total = Cleared::default();
+        let mut pages = 0;
         loop {
             let c = w.clear(phys, range, &mut reclaim);
-            total.entries += c.entries;
-            total.pages += c.pages;
-            total.extent = match (total.extent, c.extent) {
-                (Some(a), Some(b)) => Some(a.hull(&b)),
-                (a, b) => a.or(b),
-            };
+            pages += c.pages;
             if c.entries == 0 && reclaim.is_empty() {
-                return total;
+                return pages;
             }
             let flush = c.extent.map_or(range, |e| e.hull(&range));
             self.device.invalidate(flush, event);
@@ -222,7 +217,7 @@ where
             let more = reclaim.overflowed();
             w.reclaim(&self.table, self.alloc, &mut reclaim);
             if !more {
-                return total;
+                return pages;
             }
         }
     }
@@ -367,10 +362,10 @@ where
         let (Some(range), Some(w)) = (inv.range.intersect(&self.interval.range()), writer.as_mut()) else {
             return true;
         };
-        let cleared = self.clear_range(w, range, inv.event);
-        if cleared.entries > 0 {
+        let pages = self.clear_range(w, range, inv.event);
+        if pages > 0 {
             bump(&self.counters.invalidations, 1);
-            bump(&self.counters.pages_invalidated, cleared.pages);
+            bump(&self.counters.pages_invalidated, pages);
         }
         true
     }

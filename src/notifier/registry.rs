@@ -477,8 +477,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// callback, which waits for the update lock. While `interval`'s insert
     /// is still postponed (no callback reaches it yet), everything overlaps.
     pub(crate) fn running(&self, interval: &Interval) -> Running {
-        let state = self.active.lock();
-        Running { ranges: state.running.clone(), all: state.untracked > 0 || pending_insert(&state, interval) }
+        running(&self.active.lock(), interval)
     }
 
     /// Waits until no running invalidation overlaps `range` of `interval`
@@ -487,19 +486,17 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     pub(crate) fn wait_quiet(&self, interval: &Interval, range: VaRange, give_up: &mut dyn FnMut() -> bool) -> bool {
         let mut waited = false;
         loop {
-            let ended = {
+            let (busy, ended) = {
                 let state = self.active.lock();
-                let busy = state.untracked > 0
-                    || state.running.iter().any(|r| r.overlaps(&range))
-                    || pending_insert(&state, interval);
-                if !busy {
-                    return true;
-                }
-                if waited && give_up() {
-                    return false;
-                }
-                self.ended.load(Ordering::Acquire)
+                (running(&state, interval).overlaps(&range), self.ended.load(Ordering::Acquire))
             };
+            if !busy {
+                return true;
+            }
+            // Outside the lock: `give_up` may read the caller's clock.
+            if waited && give_up() {
+                return false;
+            }
             self.waiter.wait_until(&|| self.ended.load(Ordering::Acquire) != ended);
             waited = true;
         }
@@ -521,6 +518,12 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     pub fn seq(&self) -> u64 {
         self.seq.load(Ordering::Acquire)
     }
+}
+
+/// The running invalidations as `interval` sees them (see
+/// [`NotifierRegistry::running`]).
+fn running(state: &State, interval: &Interval) -> Running {
+    Running { ranges: state.running.clone(), all: state.untracked > 0 || pending_insert(state, interval) }
 }
 
 /// Whether `interval`'s insert waits for the running invalidations to end.
