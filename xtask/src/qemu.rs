@@ -44,6 +44,11 @@ const EXIT_FAILURE: i32 = 35;
 /// `test`) on `cpus` CPUs. `Ok` only if the kernel ended the run with the
 /// success code (QEMU exit status 33).
 pub fn run_kernel(repo_root: &Path, mode: &str, cpus: u32) -> Result<(), String> {
+    run_kernel_output(repo_root, mode, cpus).map(drop)
+}
+
+/// As [`run_kernel`], returning the kernel's serial output (stdout).
+pub fn run_kernel_output(repo_root: &Path, mode: &str, cpus: u32) -> Result<String, String> {
     if mode.is_empty() || !mode.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(format!("invalid kernel mode {mode:?} (expected e.g. demo or test)"));
     }
@@ -264,7 +269,7 @@ fn tail(text: &str, n: usize) -> String {
     lines[start..].iter().map(|l| format!("    | {l}\n")).collect()
 }
 
-fn run_qemu(kernel: &Path, mode: &str, cpus: u32) -> Result<(), String> {
+fn run_qemu(kernel: &Path, mode: &str, cpus: u32) -> Result<String, String> {
     let mut cmd = qemu_command(kernel, mode, cpus);
     let shown: Vec<String> = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
@@ -316,7 +321,7 @@ fn run_qemu(kernel: &Path, mode: &str, cpus: u32) -> Result<(), String> {
                 ));
             }
             eprintln!("xtask: kernel ({mode}, {cpus} cpus) succeeded in {elapsed:.2} s (QEMU exit status 33)");
-            Ok(())
+            Ok(output)
         }
         Some(EXIT_FAILURE) => Err(format!(
             "kernel reported failure (QEMU exit status 35: panic, CPU exception or failed test) after {elapsed:.2} s. Last output:\n{}",
