@@ -11,7 +11,7 @@
 //! [`Span`] or call per page. The default visits them one by one.
 
 use crate::arch::{LeafFlags, PagingGeometry, PteFormat, PteView};
-use crate::phys::{entry, AtomicEntry, PhysMem};
+use crate::phys::{AtomicEntry, PhysMem};
 use crate::range::VaRange;
 use crate::Result;
 use core::marker::PhantomData;
@@ -152,24 +152,30 @@ unsafe fn walk_table<F: PteFormat, P: PhysMem + ?Sized, V: Visitor>(
         return visitor.visit_pages::<F>(start, PageRun { first, len, _table: PhantomData }, allowed);
     }
     let span_mask = (1u64 << shift) - 1;
+    // Valid for the whole frame: `table` is live (caller), `PhysMem`'s contract.
+    let entries = phys.ptr(table) as *mut u64;
     let mut va = start;
     let mut idx = first;
     loop {
         let entry_last = (va | span_mask).min(last);
-        // SAFETY: `table` is live (caller) and `idx` stays below the table's
-        // entry count: it starts from the index mask and the range does not
-        // leave the parent entry's span.
-        let raw = unsafe { entry(phys, table, idx) }.load(Ordering::Acquire);
+        // SAFETY: `idx` stays below the table's entry count: it starts from
+        // the index mask and the range does not leave the parent entry's
+        // span; entries are only accessed atomically.
+        let raw = unsafe { AtomicEntry::from_ptr(entries.add(idx)) }.load(Ordering::Acquire);
+        let span = || Span { range: VaRange::from_inclusive(va, entry_last), level, shift };
         match F::decode(raw, level) {
             PteView::Table { frame, flags } => {
                 // SAFETY: the format's contract makes `frame` a next-level
                 // table the hardware follows, kept live by the caller.
                 unsafe { walk_table::<F, P, V>(phys, frame, level - 1, va, entry_last, allowed & flags, visitor)? };
             }
-            other => {
-                let span = Span { range: VaRange::from_inclusive(va, entry_last), level, shift };
-                visitor.visit(span, restrict_view(other, allowed))?
+            PteView::Leaf { frame, flags } => {
+                visitor.visit(span(), PteView::Leaf { frame, flags: restrict(flags, allowed) })?
             }
+            PteView::ProtNone { frame, flags } => {
+                visitor.visit(span(), PteView::ProtNone { frame, flags: restrict(flags, allowed) })?
+            }
+            other => visitor.visit(span(), other)?,
         }
         if entry_last == last {
             return ControlFlow::Continue(());
