@@ -273,4 +273,16 @@ pub unsafe trait DeviceFormat: PteFormat {
     /// above level 0, outside the hardware's entries (one more frame per
     /// directory table: about 1/512 more memory for 4 KiB mappings).
     const COUNT_SHIFT: Option<u32>;
+
+    /// The page-sized leaf a fault writes for each 4 KiB page: must equal
+    /// `encode(&PteView::Leaf { frame, flags: READ | USER (| WRITE) }, 0)`
+    /// for every 4 KiB-aligned `frame` below 2^52 (contract item 2 makes it
+    /// encodable). A format overrides it with plain bit operations; the
+    /// default encodes.
+    #[inline]
+    fn page_leaf(frame: u64, write: bool) -> u64 {
+        let mut flags = LeafFlags::READ | LeafFlags::USER;
+        flags.set(LeafFlags::WRITE, write);
+        Self::encode(&PteView::Leaf { frame, flags }, 0).expect("DeviceFormat contract: page leaves encode")
+    }
 }

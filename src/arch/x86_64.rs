@@ -280,4 +280,10 @@ unsafe impl<const LA57: bool> PteFormat for X86_64<LA57> {
 unsafe impl<const LA57: bool> super::DeviceFormat for X86_64<LA57> {
     const DIRECTORY: LeafFlags = LeafFlags::READ.union(LeafFlags::WRITE).union(LeafFlags::USER).union(LeafFlags::EXEC);
     const COUNT_SHIFT: Option<u32> = Some(52);
+
+    /// Present, user, no-execute (devices never execute), W if writable.
+    #[inline]
+    fn page_leaf(frame: u64, write: bool) -> u64 {
+        P | U | NX | frame | if write { W } else { 0 }
+    }
 }

@@ -8,6 +8,7 @@ mod walk;
 
 pub use pfn::Pfn;
 pub use snapshot::snapshot;
+pub(crate) use walk::restrict_view;
 pub use walk::{restrict, walk, PageRun, Span, Visitor};
 mod mirror_table;
 pub use mirror_table::{Cleared, MapError, MirrorEntry, MirrorTable, Reclaim, TableStats, TableWriter};
