@@ -328,8 +328,9 @@ where
     /// The per-page hot path: a present user page the fault may use goes
     /// straight into the device's leaf table ([`TableWriter::map_page`]);
     /// anything else takes [`visit`](Self::visit), as every entry would by
-    /// default (`tests/mirror_granularity.rs` checks both give the same
-    /// table).
+    /// default. (Every mirror test over 4 KiB pages runs this path, checked
+    /// against the model kernel's oracle; entries of other kinds run
+    /// `visit`.)
     #[inline]
     fn visit_pages<C: PteFormat>(&mut self, va: u64, run: PageRun<'_>, allowed: LeafFlags) -> ControlFlow<()> {
         let shift = CpuGeometry::<S>::PAGE_SHIFT;
