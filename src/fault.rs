@@ -10,6 +10,7 @@
 
 use crate::arch::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry};
 use crate::notifier::Interval;
+use crate::pt::snapshot::{fill, Word};
 use crate::pt::{walk, Pfn, Span};
 use crate::range::VaRange;
 use crate::space::{AddressSpace, Region, RegionFlags};
@@ -188,6 +189,21 @@ fn fill_region<S: AddressSpace>(
     }
     if !region.flags.contains(RegionFlags::WRITE) && pfns.iter().any(|p| req_of(p.0) & Pfn::REQ_WRITE != 0) {
         return Err(Error::Perm);
+    }
+    if (default_flags | mask) & (Pfn::REQ_FAULT | Pfn::REQ_WRITE) == 0 {
+        // No page can request anything (Linux short-circuits its need-fault
+        // check the same way): nothing will be faulted, so the request words
+        // need not be read and the table is copied out by the snapshot fill.
+        // Same output as the general loop below (tests/walker.rs compares).
+        let other = |entry: PteView| match classify(entry, owner) {
+            Class::Valid { frame, write } => Word::Frame { frame, write },
+            Class::Error => Word::Fixed(Pfn::ERROR_ENTRY),
+            Class::Missing => Word::Fixed(Pfn::NONE),
+        };
+        // SAFETY: the read guard keeps every table of the live root
+        // allocated (`AddressSpace` contract, item 2).
+        unsafe { fill::<S::Format, S::Phys, _>(space.phys(), space.root(), part, pfns, other) }?;
+        return Ok(None);
     }
     let base = part.start();
     let mut run: Option<(u64, u64, bool)> = None;

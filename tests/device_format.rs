@@ -487,3 +487,25 @@ proptest! {
         check_device_contract::<S64>(frame, level, count)?;
     }
 }
+
+proptest! {
+    /// `page_leaf`, the fault path's shortcut, equals encoding the page
+    /// leaf (DeviceFormat contract, item 4) for every shipped format.
+    #[test]
+    fn page_leaf_agrees_with_encode(frame in 0u64..(1 << 40), write in any::<bool>()) {
+        fn check<F: DeviceFormat>(frame: u64, write: bool) -> Result<(), TestCaseError> {
+            let mut flags = LeafFlags::READ | LeafFlags::USER;
+            flags.set(LeafFlags::WRITE, write);
+            let want = F::encode(&PteView::Leaf { frame, flags }, 0).unwrap();
+            prop_assert_eq!(F::page_leaf(frame, write), want, "frame {:#x} write {}", frame, write);
+            Ok(())
+        }
+        let frame = frame << 12;
+        check::<X86_64Level4>(frame, write)?;
+        check::<X86_64Level5>(frame, write)?;
+        check::<SoftFormat<X86_64Level4>>(frame, write)?;
+        check::<SoftFormat<L4Pages>>(frame, write)?;
+        check::<SoftFormat<Six48>>(frame, write)?;
+        check::<SoftFormat<Six57>>(frame, write)?;
+    }
+}

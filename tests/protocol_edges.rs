@@ -1332,3 +1332,80 @@ fn unregister_empties_the_device_exactly_when_it_maps_something() {
     drop(space);
     assert_eq!(alloc.live(), 0);
 }
+
+// ------------------------------------------------------------------ snapshot fast path
+
+/// One page's CPU entry in [`snapshot_fast_path_matches_the_general_path`].
+fn entry_for(kind: u8, frame: u64) -> u64 {
+    let special = |s: SpecialEntry| L4::encode(&PteView::Special(s), 0).unwrap();
+    match kind % 10 {
+        0 => 0,
+        1 => L4::encode(&PteView::Leaf { frame, flags: leaf(true, true) }, 0).unwrap(),
+        2 => L4::encode(&PteView::Leaf { frame, flags: leaf(false, true) }, 0).unwrap(),
+        3 => L4::encode(&PteView::Leaf { frame, flags: leaf(true, false) }, 0).unwrap(),
+        4 => L4::encode(&PteView::ProtNone { frame, flags: leaf(true, true) }, 0).unwrap(),
+        5 => special(SpecialEntry::Swap { offset: frame >> 12 }),
+        6 => special(SpecialEntry::Migration { frame, write: true }),
+        7 => special(SpecialEntry::DevicePrivate { frame, owner: 5, write: kind & 0x10 != 0 }),
+        8 => special(SpecialEntry::DevicePrivate { frame, owner: 6, write: true }),
+        // PAT bit (bit 7) on a 4 KiB leaf: still an ordinary leaf.
+        _ => L4::encode(&PteView::Leaf { frame, flags: leaf(true, true) }, 0).unwrap() | 0x80,
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// `range_fault` with no request bit anywhere takes the snapshot fill
+    /// (`pt::snapshot::fill`); with request bits in the mask but none in any
+    /// input word it runs the general per-page loop. Over every kind of
+    /// 4 KiB entry, a 2 MiB leaf, a read-only and a kernel-only directory,
+    /// both must write the same words.
+    #[test]
+    fn snapshot_fast_path_matches_the_general_path(
+        kinds in proptest::collection::vec(0u8..32, 1024),
+        owner in proptest::option::of(5u16..7),
+        start in 0u64..1024,
+        len in 1u64..1536,
+    ) {
+        let alloc = CountingAllocator::with_size(16 * MIB);
+        {
+            let s = TestSpace::new(&alloc);
+            s.add_region(range(BASE, 2048 * PAGE), RW);
+            for (i, &k) in kinds.iter().enumerate() {
+                s.set_raw(BASE + i as u64 * PAGE, 0, entry_for(k, 0x8_0000_0000 + i as u64 * PAGE));
+            }
+            // Pages 1024..1536: a 2 MiB leaf; 1536..2048: absent.
+            let huge = PteView::Leaf { frame: 0x9_0000_0000, flags: leaf(true, true) };
+            s.set_raw(BASE + 1024 * PAGE, 1, L4::encode(&huge, 1).unwrap());
+            // The first leaf table's directory entry read-only for even seeds,
+            // kernel-only for odd ones.
+            let dir = s.slot(BASE, 1);
+            let raw = dir.load(Ordering::Acquire);
+            let cut = if kinds[0] % 2 == 0 { 1 << 1 } else { 1 << 2 };
+            dir.store(raw & !cut, Ordering::Release);
+
+            let r = range(BASE + start * PAGE, len.min(2048 - start) * PAGE);
+            let run = |mask: u64| {
+                let watcher = Counting { interval: Interval::new(r), calls: AtomicU64::new(0) };
+                // SAFETY: `watcher` is declared first: it outlives the registration.
+                let _watching = unsafe { s.notifiers().insert(&watcher) }.unwrap();
+                let interval = &watcher.interval;
+                let guard = s.read_lock();
+                let mut pfns = vec![Pfn::NONE; r.pages(12) as usize];
+                let mut req =
+                    RangeFault { range: r, default_flags: 0, pfn_flags_mask: mask, pfns: &mut pfns, dev_private_owner: owner };
+                let stats = range_fault(&s, &guard, interval, s.notifiers().read_begin(interval), &mut req);
+                (stats, pfns)
+            };
+            let (fast_stats, fast) = run(0);
+            let (general_stats, general) = run(Pfn::REQ_FAULT | Pfn::REQ_WRITE);
+            proptest::prop_assert_eq!(fast_stats, Ok(FaultStats::default()));
+            proptest::prop_assert_eq!(general_stats, Ok(FaultStats::default()));
+            if let Some(i) = fast.iter().zip(&general).position(|(a, b)| a != b) {
+                proptest::prop_assert!(false, "page {i}: fast {:#x}, general {:#x}", fast[i].0, general[i].0);
+            }
+        }
+        proptest::prop_assert_eq!(alloc.live(), 0);
+    }
+}

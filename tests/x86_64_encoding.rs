@@ -648,3 +648,29 @@ fn unknown_flag_bits_are_not_silently_dropped() {
         Ok(raw) => assert_eq!(L4::decode(raw, 0), view, "encode accepted {view:?} as {raw:#x}"),
     }
 }
+
+proptest::proptest! {
+    /// `user_page`, the snapshot loop's shortcut, agrees with `decode` at
+    /// level 0 on any raw value (PteFormat contract, item 6), for both
+    /// paging modes and for SoftFormat's default.
+    #[test]
+    fn user_page_agrees_with_decode(raw in proptest::num::u64::ANY, bits in 0u64..64) {
+        fn check<F: PteFormat>(raw: u64) -> Result<(), proptest::test_runner::TestCaseError> {
+            let want = match F::decode(raw, 0) {
+                PteView::Leaf { frame, flags } if flags.contains(LeafFlags::USER) => {
+                    Some((frame, flags.contains(LeafFlags::WRITE)))
+                }
+                _ => None,
+            };
+            proptest::prop_assert_eq!(F::user_page(raw), want, "raw {:#x}", raw);
+            Ok(())
+        }
+        // Random words are rarely present user leaves: also try them with
+        // P and U forced on and one more bit flipped.
+        for raw in [raw, raw | 0b101, (raw | 0b101) ^ (1 << bits), raw & !1] {
+            check::<hmm_core::arch::x86_64::X86_64Level4>(raw)?;
+            check::<hmm_core::arch::x86_64::X86_64Level5>(raw)?;
+            check::<hmm_core::arch::soft::SoftFormat<hmm_core::arch::x86_64::X86_64Level4>>(raw)?;
+        }
+    }
+}

@@ -216,6 +216,7 @@ pub enum PteView {
 /// 4. Round trip: for every view `v` and level `l`, if `encode(&v, l)` is
 ///    `Ok(raw)` then `decode(raw, l) == v`.
 /// 5. Both functions are pure (no side effects, same output for same input).
+/// 6. [`user_page`](Self::user_page), if overridden, agrees with `decode`.
 pub unsafe trait PteFormat {
     /// The geometry this format's tables follow.
     type Geometry: PagingGeometry;
@@ -226,6 +227,22 @@ pub unsafe trait PteFormat {
     /// Produces the raw entry for `view` at `level`, or
     /// [`crate::Error::Unencodable`].
     fn encode(view: &PteView, level: usize) -> crate::Result<u64>;
+
+    /// The common case of a snapshot's inner loop, without building a
+    /// [`PteView`]: `Some((frame, writable))` exactly when
+    /// `decode(raw, 0)` is a [`PteView::Leaf`] with [`LeafFlags::USER`], that
+    /// frame, and [`LeafFlags::WRITE`] iff `writable`; `None` otherwise. A
+    /// format overrides it with a direct test of its bits (the default
+    /// decodes).
+    #[inline]
+    fn user_page(raw: u64) -> Option<(u64, bool)> {
+        match Self::decode(raw, 0) {
+            PteView::Leaf { frame, flags } if flags.contains(LeafFlags::USER) => {
+                Some((frame, flags.contains(LeafFlags::WRITE)))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A page-table format a device's MMU walks: the format the
@@ -256,4 +273,16 @@ pub unsafe trait DeviceFormat: PteFormat {
     /// above level 0, outside the hardware's entries (one more frame per
     /// directory table: about 1/512 more memory for 4 KiB mappings).
     const COUNT_SHIFT: Option<u32>;
+
+    /// The page-sized leaf a fault writes for each 4 KiB page: must equal
+    /// `encode(&PteView::Leaf { frame, flags: READ | USER (| WRITE) }, 0)`
+    /// for every 4 KiB-aligned `frame` below 2^52 (contract item 2 makes it
+    /// encodable). A format overrides it with plain bit operations; the
+    /// default encodes.
+    #[inline]
+    fn page_leaf(frame: u64, write: bool) -> u64 {
+        let mut flags = LeafFlags::READ | LeafFlags::USER;
+        flags.set(LeafFlags::WRITE, write);
+        Self::encode(&PteView::Leaf { frame, flags }, 0).expect("DeviceFormat contract: page leaves encode")
+    }
 }

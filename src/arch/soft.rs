@@ -106,4 +106,9 @@ unsafe impl<G: PagingGeometry> PteFormat for SoftFormat<G> {
 unsafe impl<G: PagingGeometry> DeviceFormat for SoftFormat<G> {
     const DIRECTORY: LeafFlags = DIRECTORY;
     const COUNT_SHIFT: Option<u32> = Some(COUNT_SHIFT);
+
+    #[inline]
+    fn page_leaf(frame: u64, write: bool) -> u64 {
+        VALID | frame | if write { WRITE } else { 0 }
+    }
 }

@@ -230,6 +230,12 @@ unsafe impl<const LA57: bool> PteFormat for X86_64<LA57> {
         }
     }
 
+    /// Present and user: a 4 KiB leaf (bit 7 at level 0 is PAT, not huge).
+    #[inline]
+    fn user_page(raw: u64) -> Option<(u64, bool)> {
+        (raw & (P | U) == P | U).then_some((raw & ADDR_MASK, raw & W != 0))
+    }
+
     fn encode(view: &PteView, level: usize) -> Result<u64> {
         if level >= Self::LEVELS {
             return Err(Error::Unencodable);
@@ -274,4 +280,10 @@ unsafe impl<const LA57: bool> PteFormat for X86_64<LA57> {
 unsafe impl<const LA57: bool> super::DeviceFormat for X86_64<LA57> {
     const DIRECTORY: LeafFlags = LeafFlags::READ.union(LeafFlags::WRITE).union(LeafFlags::USER).union(LeafFlags::EXEC);
     const COUNT_SHIFT: Option<u32> = Some(52);
+
+    /// Present, user, no-execute (devices never execute), W if writable.
+    #[inline]
+    fn page_leaf(frame: u64, write: bool) -> u64 {
+        P | U | NX | frame | if write { W } else { 0 }
+    }
 }

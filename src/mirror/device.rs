@@ -119,6 +119,16 @@ pub(super) fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+/// [`bump`] for the counters only ever changed under the writer lock
+/// (pages, entries and huge entries mapped; invalidations, pages
+/// invalidated): a load and a store, no locked read-modify-write on the
+/// fault path. Readers may see a slightly old value, never a torn one.
+pub(super) fn bump_locked(c: &AtomicU64, n: u64) {
+    if n != 0 {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+}
+
 impl Counters {
     pub(super) fn read(&self) -> MirrorStats {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);

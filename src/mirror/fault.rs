@@ -3,13 +3,13 @@
 //! handler call per contiguous missing run. No page buffer, so nothing
 //! bounds the size of a fault.
 
-use super::device::bump;
+use super::device::{bump, bump_locked};
 use super::{CpuGeometry, Mirror};
-use crate::arch::{DeviceFormat, PagingGeometry, PteView};
+use crate::arch::{DeviceFormat, LeafFlags, PagingGeometry, PteFormat, PteView};
 use crate::fault::{classify, Class, MAX_FAULTS_WITHOUT_PROGRESS};
 use crate::frame::FrameAllocator;
 use crate::notifier::{Event, Running};
-use crate::pt::{walk, MapError, Span, TableWriter};
+use crate::pt::{restrict_view, walk, MapError, PageRun, Span, TableWriter, Visitor};
 use crate::range::VaRange;
 use crate::space::{AddressSpace, Region, RegionFlags};
 use crate::sync::RawLock;
@@ -193,9 +193,9 @@ where
             (stop, Some(range)) => self.device.update(range).map(|()| stop).map_err(Error::Device)?,
             (stop, None) => stop,
         };
-        bump(&self.counters.pages_mapped, mapped.pages);
-        bump(&self.counters.entries_mapped, mapped.entries);
-        bump(&self.counters.huge_mapped, mapped.huge);
+        bump_locked(&self.counters.pages_mapped, mapped.pages);
+        bump_locked(&self.counters.entries_mapped, mapped.entries);
+        bump_locked(&self.counters.huge_mapped, mapped.huge);
         Ok(stop)
     }
 
@@ -210,48 +210,15 @@ where
         running: &Running,
         mapped: &mut Mapped,
     ) -> Result<Option<Stop>> {
-        let mut run: Option<VaRange> = None;
-        let mut failed = None;
-        let owner = self.config.owner;
-        let mut visit = |span: Span, view: PteView| -> ControlFlow<()> {
-            match classify(view, owner) {
-                Class::Valid { frame, write: writable } if writable || !write => {
-                    if run.is_some() {
-                        return ControlFlow::Break(());
-                    }
-                    match self.map_span(w, span, frame, writable, region, running) {
-                        Ok((target, entries, huge)) => {
-                            mapped.range = Some(mapped.range.map_or(target, |m| m.hull(&target)));
-                            mapped.pages += target.pages(CpuGeometry::<S>::PAGE_SHIFT);
-                            mapped.entries += entries;
-                            mapped.huge += huge;
-                            ControlFlow::Continue(())
-                        }
-                        Err(e) => {
-                            failed = Some(e);
-                            ControlFlow::Break(())
-                        }
-                    }
-                }
-                Class::Error => {
-                    failed = Some(Error::Fault);
-                    ControlFlow::Break(())
-                }
-                // Not present, or read-only for a write: the handler's job.
-                _ => {
-                    run = Some(run.map_or(span.range, |r| r.hull(&span.range)));
-                    ControlFlow::Continue(())
-                }
-            }
-        };
+        let mut visitor = MapVisitor { mirror: self, w, region, write, running, mapped, run: None, failed: None };
         // SAFETY: the read guard keeps every table of the live root
         // allocated (`AddressSpace` contract, item 2).
         let _stopped =
-            unsafe { walk::<S::Format, S::Phys, _>(self.space.phys(), self.space.root(), part, &mut visit) }?;
-        if let Some(e) = failed {
+            unsafe { walk::<S::Format, S::Phys, _>(self.space.phys(), self.space.root(), part, &mut visitor) }?;
+        if let Some(e) = visitor.failed {
             return Err(e);
         }
-        Ok(run.map(|run| Stop::Missing { run, write }))
+        Ok(visitor.run.map(|run| Stop::Missing { run, write }))
     }
 
     /// Maps one CPU leaf's `span`: the whole leaf when it lies in the mirror
@@ -292,6 +259,130 @@ where
                     return Err(e);
                 }
             }
+        }
+    }
+}
+
+/// The visitor of one attempt's walk: maps each usable CPU entry into the
+/// device table until a missing run has begun and ended.
+struct MapVisitor<
+    'a,
+    'm,
+    's,
+    S: AddressSpace + Sync,
+    D: DeviceOps,
+    A: FrameAllocator + Sync,
+    F: DeviceFormat,
+    L: RawLock,
+> {
+    mirror: &'m Mirror<'s, S, D, A, F, L>,
+    w: &'a mut TableWriter<F>,
+    region: Region,
+    write: bool,
+    running: &'a Running,
+    mapped: &'a mut Mapped,
+    /// The missing run found so far.
+    run: Option<VaRange>,
+    failed: Option<Error>,
+}
+
+impl<S, D, A, F, L> Visitor for MapVisitor<'_, '_, '_, S, D, A, F, L>
+where
+    S: AddressSpace + Sync,
+    D: DeviceOps,
+    A: FrameAllocator + Sync,
+    F: DeviceFormat,
+    L: RawLock,
+{
+    type Break = ();
+
+    fn visit(&mut self, span: Span, view: PteView) -> ControlFlow<()> {
+        match classify(view, self.mirror.config.owner) {
+            Class::Valid { frame, write: writable } if writable || !self.write => {
+                if self.run.is_some() {
+                    return ControlFlow::Break(());
+                }
+                match self.mirror.map_span(self.w, span, frame, writable, self.region, self.running) {
+                    Ok((target, entries, huge)) => {
+                        self.mapped.add(target, target.pages(CpuGeometry::<S>::PAGE_SHIFT), entries, huge);
+                        ControlFlow::Continue(())
+                    }
+                    Err(e) => {
+                        self.failed = Some(e);
+                        ControlFlow::Break(())
+                    }
+                }
+            }
+            Class::Error => {
+                self.failed = Some(Error::Fault);
+                ControlFlow::Break(())
+            }
+            // Not present, or read-only for a write: the handler's job.
+            _ => {
+                self.run = Some(self.run.map_or(span.range, |r| r.hull(&span.range)));
+                ControlFlow::Continue(())
+            }
+        }
+    }
+
+    /// The per-page hot path: a present user page the fault may use goes
+    /// straight into the device's leaf table ([`TableWriter::map_page`]);
+    /// anything else takes [`visit`](Self::visit), as every entry would by
+    /// default. (Every mirror test over 4 KiB pages runs this path, checked
+    /// against the model kernel's oracle; entries of other kinds run
+    /// `visit`.)
+    #[inline]
+    fn visit_pages<C: PteFormat>(&mut self, va: u64, run: PageRun<'_>, allowed: LeafFlags) -> ControlFlow<()> {
+        let shift = CpuGeometry::<S>::PAGE_SHIFT;
+        let user = allowed.contains(LeafFlags::USER);
+        let dir_writable = allowed.contains(LeafFlags::WRITE);
+        let (phys, alloc) = (self.mirror.space.phys(), self.mirror.alloc);
+        let mut page = va;
+        let mut fast = (0u64, page);
+        for raw in run.iter() {
+            let usable = match C::user_page(raw) {
+                Some((frame, writable)) if user && self.run.is_none() => {
+                    let writable = writable && dir_writable;
+                    (writable || !self.write).then_some((frame, writable))
+                }
+                _ => None,
+            };
+            let done = match usable {
+                Some((frame, writable)) => self.w.map_page(phys, alloc, page, frame, writable).is_ok(),
+                None => false,
+            };
+            if done {
+                fast.0 += 1;
+            } else {
+                self.mapped.add_pages(fast.1, fast.0, shift);
+                fast = (0, page + (1 << shift));
+                let range = VaRange::from_inclusive(page, page + ((1 << shift) - 1));
+                // Decoded again from the same raw value: no second load.
+                self.visit(Span { range, level: 0, shift }, restrict_view(C::decode(raw, 0), allowed))?;
+            }
+            page = page.wrapping_add(1 << shift);
+        }
+        self.mapped.add_pages(fast.1, fast.0, shift);
+        ControlFlow::Continue(())
+    }
+}
+
+impl Mapped {
+    /// Records `target` (`pages` pages), mapped with `entries` entries of
+    /// which `huge` huge.
+    #[inline]
+    fn add(&mut self, target: VaRange, pages: u64, entries: u64, huge: u64) {
+        self.range = Some(self.range.map_or(target, |m| m.hull(&target)));
+        self.pages += pages;
+        self.entries += entries;
+        self.huge += huge;
+    }
+
+    /// Records `n` 4 KiB-sized pages mapped one entry each from `first` on.
+    #[inline]
+    fn add_pages(&mut self, first: u64, n: u64, shift: u32) {
+        if n > 0 {
+            self.add(VaRange::from_inclusive(first, first + ((n << shift) - 1)), n, n, 0);
         }
     }
 }

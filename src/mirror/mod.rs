@@ -40,7 +40,7 @@ use crate::sync::{LockCell, RawLock, SpinLock};
 use crate::{Error, Result};
 use core::marker::PhantomPinned;
 use core::pin::Pin;
-use device::{bump, Counters};
+use device::{bump, bump_locked, Counters};
 
 /// A registration in the notifier registry of `S`.
 type SpaceRegistration<'s, S> = Registration<'s, <S as AddressSpace>::Store, <S as AddressSpace>::Wait>;
@@ -364,8 +364,8 @@ where
         };
         let pages = self.clear_range(w, range, inv.event);
         if pages > 0 {
-            bump(&self.counters.invalidations, 1);
-            bump(&self.counters.pages_invalidated, pages);
+            bump_locked(&self.counters.invalidations, 1);
+            bump_locked(&self.counters.pages_invalidated, pages);
         }
         true
     }

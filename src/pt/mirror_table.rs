@@ -36,7 +36,7 @@
 
 use crate::arch::{check_geometry, DeviceFormat, LeafFlags, PagingGeometry, PteFormat, PteView};
 use crate::frame::FrameAllocator;
-use crate::phys::{entry, PhysMem};
+use crate::phys::{entry, AtomicEntry, PhysMem};
 use crate::range::VaRange;
 use crate::sync::shim::AtomicU64;
 use crate::sync::WalkGate;
@@ -184,10 +184,12 @@ fn alloc_table<P: PhysMem + ?Sized, A: FrameAllocator + ?Sized>(phys: &P, alloc:
     let frame = alloc.alloc_frame().ok_or(Error::NoMemory)?;
     // Entries are only ever touched atomically (a walker may read a table
     // while it is linked), so zero it the same way, not with a memset.
+    let entries = phys.ptr(frame) as *mut u64;
     for index in 0..512 {
         // SAFETY: the frame was just allocated to us: a live, 4 KiB-aligned
-        // frame of `phys`, and `index < 512`.
-        unsafe { entry(phys, frame, index) }.store(0, Ordering::Relaxed);
+        // frame of `phys`, valid as a whole (`PhysMem` contract), and
+        // `index < 512`.
+        unsafe { AtomicEntry::from_ptr(entries.add(index)) }.store(0, Ordering::Relaxed);
     }
     Ok(frame)
 }
@@ -384,6 +386,39 @@ impl<F: DeviceFormat> TableWriter<F> {
         }
     }
 
+    /// Maps the one page at `va` (4 KiB-aligned, in the geometry) to `pa`:
+    /// the per-page path of a fault, one store when the page's leaf table is
+    /// the cached one. Errors as [`map`](Self::map).
+    #[inline]
+    pub(crate) fn map_page<P: PhysMem + ?Sized, A: FrameAllocator + ?Sized>(
+        &mut self,
+        phys: &P,
+        alloc: &A,
+        va: u64,
+        pa: u64,
+        write: bool,
+    ) -> core::result::Result<(), MapError> {
+        match self.cache {
+            Some(c) if c.base <= va && va <= c.last => {
+                let raw = F::page_leaf(pa, write);
+                // SAFETY: a live table of this tree, index from the geometry.
+                let slot = unsafe { entry(phys, c.table, Geo::<F>::index(va, 0)) };
+                let was_live = slot.load(Ordering::Relaxed) != 0;
+                slot.store(raw, Ordering::Release);
+                if !was_live {
+                    count_add(phys, c.count, 1);
+                    self.stats.leaves += 1;
+                }
+                Ok(())
+            }
+            _ => {
+                let mut flags = LeafFlags::READ | LeafFlags::USER;
+                flags.set(LeafFlags::WRITE, write);
+                self.map_one(phys, alloc, va, va + 0xfff, pa, flags).map(drop)
+            }
+        }
+    }
+
     /// Writes one leaf for `va` (as large as fits `[va, last]` and `pa`'s
     /// alignment); returns its level.
     #[inline]
@@ -532,6 +567,9 @@ impl<F: DeviceFormat> TableWriter<F> {
         reclaim: &mut Reclaim,
     ) {
         type G<F> = Geo<F>;
+        if level == 0 {
+            return self.clear_pages(phys, node, start, last, count, out);
+        }
         let mask = (1u64 << G::<F>::level_shift(level)) - 1;
         let mut va = start;
         loop {
@@ -573,6 +611,48 @@ impl<F: DeviceFormat> TableWriter<F> {
             }
             va = entry_last + 1;
         }
+    }
+
+    /// [`clear_in`](Self::clear_in) of a leaf table: every non-zero entry
+    /// is a page leaf (the writer stores nothing else there), so one store
+    /// each, and the counts and the extent once for the table.
+    fn clear_pages<P: PhysMem + ?Sized>(
+        &mut self,
+        phys: &P,
+        node: Node,
+        start: u64,
+        last: u64,
+        count: Option<CountAt>,
+        out: &mut Cleared,
+    ) {
+        let shift = Geo::<F>::PAGE_SHIFT;
+        let first = Geo::<F>::index(start, 0);
+        let len = ((last - start) >> shift) as usize + 1;
+        // Valid for the whole frame: a live table of this tree (`PhysMem`).
+        let entries = phys.ptr(node.table) as *mut u64;
+        let (mut cleared, mut lo, mut hi) = (0u64, usize::MAX, 0);
+        for i in first..first + len {
+            // SAFETY: `first + len` stays inside the table: `[start, last]`
+            // lies within one entry of the parent; atomic access only.
+            let slot = unsafe { AtomicEntry::from_ptr(entries.add(i)) };
+            if slot.load(Ordering::Relaxed) != 0 {
+                // Release: as for every unlink (walkers see 0 or the leaf).
+                slot.store(0, Ordering::Release);
+                cleared += 1;
+                lo = lo.min(i);
+                hi = i;
+            }
+        }
+        if cleared == 0 {
+            return;
+        }
+        count_add(phys, count, -(cleared as i64));
+        self.stats.leaves -= cleared;
+        out.entries += cleared;
+        out.pages += cleared;
+        let base = start - ((first as u64) << shift);
+        let whole = VaRange::from_inclusive(base + ((lo as u64) << shift), base + ((hi as u64 + 1) << shift) - 1);
+        out.extent = Some(out.extent.map_or(whole, |e| e.hull(&whole)));
     }
 
     /// Frees the frames on `reclaim` once every software walker that might

@@ -3,11 +3,12 @@
 //! snapshot built on it, and the device-side mirror table.
 
 mod pfn;
-mod snapshot;
+pub(crate) mod snapshot;
 mod walk;
 
 pub use pfn::Pfn;
 pub use snapshot::snapshot;
-pub use walk::{walk, Span, Visitor};
+pub(crate) use walk::restrict_view;
+pub use walk::{restrict, walk, PageRun, Span, Visitor};
 mod mirror_table;
 pub use mirror_table::{Cleared, MapError, MirrorEntry, MirrorTable, Reclaim, TableStats, TableWriter};

@@ -1,11 +1,12 @@
 //! Per-page snapshot of a CPU table: the building block of `range_fault`.
 
-use super::walk::{walk, Span};
+use super::walk::{walk, PageRun, Span, Visitor};
 use super::Pfn;
 use crate::arch::{LeafFlags, PagingGeometry, PteFormat, PteView};
 use crate::phys::PhysMem;
 use crate::range::VaRange;
 use crate::{Error, Result};
+use core::convert::Infallible;
 use core::ops::ControlFlow;
 
 /// Fills `out` with one [`Pfn`] per page of `range` from the table alone (no
@@ -26,32 +27,123 @@ pub unsafe fn snapshot<F: PteFormat, P: PhysMem + ?Sized>(
     range: VaRange,
     out: &mut [Pfn],
 ) -> Result<()> {
+    let other = |entry: PteView| match entry {
+        PteView::Leaf { .. } | PteView::ProtNone { .. } | PteView::Invalid(_) => Word::Fixed(Pfn::ERROR_ENTRY),
+        _ => Word::Fixed(Pfn::NONE),
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { fill::<F, P, _>(phys, root, range, out, other) }
+}
+
+/// What a page's output word is, for an entry that is not a user leaf.
+#[derive(Clone, Copy)]
+pub(crate) enum Word {
+    /// VALID for `frame` (the first frame of the whole entry), WRITE if
+    /// `write`, the order of the entry.
+    Frame { frame: u64, write: bool },
+    /// This word for every page of the entry.
+    Fixed(Pfn),
+}
+
+/// Walks `range` writing one word per page into `out`: user leaves become
+/// VALID (+WRITE) words directly, every other entry becomes `other(entry)`.
+/// The snapshot walks (this module's [`snapshot`], and `range_fault` when no
+/// page can request a fault) share it.
+///
+/// # Safety
+/// As for [`walk`].
+pub(crate) unsafe fn fill<F: PteFormat, P: PhysMem + ?Sized, O: Fn(PteView) -> Word>(
+    phys: &P,
+    root: u64,
+    range: VaRange,
+    out: &mut [Pfn],
+    other: O,
+) -> Result<()> {
     range.check::<F::Geometry>()?;
     let page_shift = <F::Geometry as PagingGeometry>::PAGE_SHIFT;
     if out.len() as u64 != range.pages(page_shift) {
         return Err(Error::BadLength);
     }
-    let base = range.start();
-    let mut fill = |span: Span, entry: PteView| -> ControlFlow<()> {
-        let first = ((span.range.start() - base) >> page_shift) as usize;
-        let n = span.range.pages(page_shift) as usize;
-        let dst = &mut out[first..first + n];
-        match entry {
+    let mut filler = Filler { out, next: 0, page_shift, other };
+    // SAFETY: forwarded from the caller.
+    let ControlFlow::Continue(()) = unsafe { walk::<F, P, _>(phys, root, range, &mut filler) }?;
+    debug_assert_eq!(filler.next, filler.out.len(), "the walk visits every page once");
+    Ok(())
+}
+
+/// The visitor of [`fill`]: the walk visits every page once, in order, so a
+/// cursor into `out` is all the addressing it needs.
+struct Filler<'o, O> {
+    out: &'o mut [Pfn],
+    next: usize,
+    page_shift: u32,
+    other: O,
+}
+
+impl<O> Filler<'_, O> {
+    /// The next `n` output words.
+    #[inline]
+    fn take(&mut self, n: usize) -> &mut [Pfn] {
+        let dst = &mut self.out[self.next..self.next + n];
+        self.next += n;
+        dst
+    }
+}
+
+/// VALID words for consecutive pages from `first` on: the frame number is
+/// the word's low bits, so page `i` is `first + i` (no carry: a leaf's frame
+/// is aligned to its span). A plain loop the compiler can vectorise.
+#[inline]
+fn fill_frames(dst: &mut [Pfn], first: Pfn) {
+    for (i, slot) in dst.iter_mut().enumerate() {
+        *slot = Pfn(first.0 + i as u64);
+    }
+}
+
+impl<O: Fn(PteView) -> Word> Visitor for Filler<'_, O> {
+    type Break = Infallible;
+
+    /// A hole or a large leaf: one word per page of the clipped span.
+    #[inline]
+    fn visit(&mut self, span: Span, entry: PteView) -> ControlFlow<Infallible> {
+        let page_shift = self.page_shift;
+        let order = span.shift - page_shift;
+        // Offset of the first visited page inside the entry.
+        let skip = span.range.start() - span.entry_base();
+        let word = match entry {
             PteView::Leaf { frame, flags } if flags.contains(LeafFlags::USER) => {
-                let order = span.shift - page_shift;
-                let write = flags.contains(LeafFlags::WRITE);
-                let mut pa = frame + (span.range.start() - span.entry_base());
-                for slot in dst {
-                    *slot = Pfn::valid(pa, write, order);
-                    pa += 1 << page_shift;
-                }
+                Word::Frame { frame, write: flags.contains(LeafFlags::WRITE) }
             }
-            PteView::Leaf { .. } | PteView::ProtNone { .. } | PteView::Invalid(_) => dst.fill(Pfn::ERROR_ENTRY),
-            _ => dst.fill(Pfn::NONE),
+            other => (self.other)(other),
+        };
+        let dst = self.take(span.range.pages(page_shift) as usize);
+        match word {
+            Word::Frame { frame, write } => fill_frames(dst, Pfn::valid(frame + skip, write, order)),
+            Word::Fixed(w) => dst.fill(w),
         }
         ControlFlow::Continue(())
-    };
-    // SAFETY: forwarded from the caller.
-    let _never_breaks = unsafe { walk::<F, P, _>(phys, root, range, &mut fill) }?;
-    Ok(())
+    }
+
+    /// The hot loop of a snapshot over 4 KiB pages: one load, one test and
+    /// one store per present user page; everything else goes through the
+    /// general decode.
+    #[inline]
+    fn visit_pages<F: PteFormat>(&mut self, _va: u64, run: PageRun<'_>, allowed: LeafFlags) -> ControlFlow<Infallible> {
+        let user = allowed.contains(LeafFlags::USER);
+        let writable = allowed.contains(LeafFlags::WRITE);
+        let n = run.len();
+        let next = self.next;
+        self.next += n;
+        let dst = &mut self.out[next..next + n];
+        for (slot, raw) in dst.iter_mut().zip(run.iter()) {
+            *slot = match F::user_page(raw) {
+                Some((frame, write)) if user => Pfn::valid(frame, writable && write, 0),
+                _ => match (self.other)(super::walk::restrict_view(F::decode(raw, 0), allowed)) {
+                    Word::Frame { frame, write } => Pfn::valid(frame, write, 0),
+                    Word::Fixed(w) => w,
+                },
+            };
+        }
+        ControlFlow::Continue(())
+    }
 }

@@ -94,6 +94,7 @@ impl SimPhys {
     }
 
     /// Whether `[pa, pa + len)` lies inside the arena.
+    #[inline]
     pub fn contains(&self, pa: u64, len: u64) -> bool {
         pa >= self.base && pa.checked_add(len).is_some_and(|end| end <= self.end())
     }
@@ -247,6 +248,7 @@ impl SimPhys {
 // (3) Distinct frames are distinct arena offsets.
 // SAFETY: (1)-(3) just above hold for every address `ptr` accepts.
 unsafe impl PhysMem for SimPhys {
+    #[inline]
     fn ptr(&self, pa: u64) -> *mut u8 {
         assert!(self.contains(pa, 1), "physical address {pa:#x} outside the simulated RAM");
         let offset = (pa - self.base) as usize;
