@@ -131,7 +131,7 @@ fn huge_bit(level: usize) -> u64 {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn decode_present(raw: u64, level: usize, levels: usize) -> PteView {
     if level >= levels {
         return PteView::Invalid(raw);
@@ -217,7 +217,7 @@ fn encode_special(s: &SpecialEntry, level: usize) -> Result<u64> {
 unsafe impl<const LA57: bool> PteFormat for X86_64<LA57> {
     type Geometry = Self;
 
-    #[inline]
+    #[inline(always)]
     fn decode(raw: u64, level: usize) -> PteView {
         if raw == 0 {
             PteView::Absent

@@ -143,13 +143,8 @@ unsafe fn walk_table<F: PteFormat, P: PhysMem + ?Sized, V: Visitor>(
     let index_mask = (1u64 << <F::Geometry as PagingGeometry>::INDEX_BITS[level]) - 1;
     let first = ((start >> shift) & index_mask) as usize;
     if level == 0 {
-        // `[start, last]` lies in this one table: its entries are consecutive.
-        let len = ((last - start) >> shift) as usize + 1;
-        // SAFETY: `table` is a live table frame (caller), valid for the whole
-        // frame by `PhysMem`'s contract; `first + len` entries stay inside it
-        // because the range does not leave the parent entry's span.
-        let first = unsafe { (phys.ptr(table) as *const u64).add(first) };
-        return visitor.visit_pages::<F>(start, PageRun { first, len, _table: PhantomData }, allowed);
+        // SAFETY: forwarded from the caller.
+        return unsafe { walk_pages::<F, P, V>(phys, table, first, start, last, allowed, visitor) };
     }
     let span_mask = (1u64 << shift) - 1;
     // Valid for the whole frame: `table` is live (caller), `PhysMem`'s contract.
@@ -183,6 +178,31 @@ unsafe fn walk_table<F: PteFormat, P: PhysMem + ?Sized, V: Visitor>(
         va = entry_last + 1;
         idx += 1;
     }
+}
+
+/// The level-0 part of [`walk_table`]: `[start, last]` lies in this one
+/// table, so its entries are consecutive and go to the visitor as one run.
+/// Kept out of line so the upper levels' loop stays small.
+///
+/// # Safety
+/// `table` is a live table of format `F` at level 0, `first` the index of
+/// `start`.
+#[inline(never)]
+unsafe fn walk_pages<F: PteFormat, P: PhysMem + ?Sized, V: Visitor>(
+    phys: &P,
+    table: u64,
+    first: usize,
+    start: u64,
+    last: u64,
+    allowed: LeafFlags,
+    visitor: &mut V,
+) -> ControlFlow<V::Break> {
+    let len = ((last - start) >> <F::Geometry as PagingGeometry>::PAGE_SHIFT) as usize + 1;
+    // SAFETY: `table` is a live table frame (caller), valid for the whole
+    // frame by `PhysMem`'s contract; `first + len` entries stay inside it
+    // because the range does not leave the parent entry's span.
+    let first = unsafe { (phys.ptr(table) as *const u64).add(first) };
+    visitor.visit_pages::<F>(start, PageRun { first, len, _table: PhantomData }, allowed)
 }
 
 /// A visited entry as the walk reports it: leaf and PROT_NONE flags
