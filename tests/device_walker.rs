@@ -37,7 +37,7 @@ use core::pin::pin;
 use hmm_core::{AddressSpace, Error, Event, Mirror, MirrorConfig, MirrorStats, VaRange};
 use hmm_testkit::dmirror;
 use hmm_testkit::{ModelSpace, RegionKind, TableView};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Start of the buffers: a 1 GiB boundary (so also a 2 MiB block start).
@@ -45,6 +45,9 @@ const BASE: u64 = 1 << 30;
 const HUGE: u64 = 2 * MIB;
 /// How long the kernel thread keeps changing things before it releases.
 const RUN: Duration = Duration::from_millis(1200);
+/// How long the race waits, after the release, for a device access to run
+/// into it.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// Sets the flag when dropped: a panicking main thread still stops the
 /// other threads of its scope, so the panic is reported instead of a hang.
@@ -152,6 +155,7 @@ fn device_thread(
     space: &ModelSpace,
     buf: VaRange,
     stop: &AtomicBool,
+    released: &AtomicU64,
     seed: u64,
     walker_only: bool,
 ) -> DeviceReport {
@@ -182,7 +186,10 @@ fn device_thread(
         match r {
             Ok(()) => rep.accesses += 1,
             Err(Error::Fault | Error::Perm) => rep.refused += 1,
-            Err(Error::Released) => rep.released += 1,
+            Err(Error::Released) => {
+                rep.released += 1;
+                released.fetch_add(1, Ordering::Relaxed);
+            }
             Err(Error::Busy) => rep.busy += 1,
             Err(e) => panic!("device access at {:#x}: unexpected {e:?}", va + off),
         }
@@ -286,12 +293,13 @@ fn race(name: &str, ram: u64, buf_len: u64, kind: RegionKind, huge: bool) {
         m.as_ref().register().unwrap();
         let m = &*m;
         let stop = AtomicBool::new(false);
+        let released = AtomicU64::new(0);
         rounds = std::thread::scope(|s| {
             let _stop = StopOnDrop(&stop);
             let devices: Vec<_> = (0..2u64)
                 .map(|i| {
-                    let (space, stop) = (&space, &stop);
-                    s.spawn(move || device_thread(m, space, buf, stop, 17 + i, i == 1))
+                    let (space, stop, released) = (&space, &stop, &released);
+                    s.spawn(move || device_thread(m, space, buf, stop, released, 17 + i, i == 1))
                 })
                 .collect();
             let mut rng = Rng::new(99);
@@ -308,7 +316,12 @@ fn race(name: &str, ram: u64, buf_len: u64, kind: RegionKind, huge: bool) {
             }
             // Address-space teardown while the device keeps going.
             space.release();
-            std::thread::sleep(Duration::from_millis(20));
+            // Until the accessing device has run into the release (bounded:
+            // a loaded machine may not schedule it for a while).
+            let t1 = Instant::now();
+            while released.load(Ordering::Relaxed) == 0 && t1.elapsed() < RELEASE_WAIT {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             stop.store(true, Ordering::Relaxed);
             for d in devices {
                 rep.add(&d.join().unwrap());
