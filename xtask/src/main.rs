@@ -1,7 +1,10 @@
-//! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask verify [--long]`.
+//! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench [--quick]`,
+//! `cargo xtask verify [--long]`.
 
+mod bench;
 mod mutants;
 mod qemu;
+mod svg;
 mod verify_tools;
 
 use std::path::{Path, PathBuf};
@@ -13,9 +16,12 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo(&root),
         Some("test") => test(&root),
+        Some("bench") if args.len() <= 2 && args.get(1).is_none_or(|a| a == "--quick") => {
+            bench::bench(&root, args.len() == 2)
+        }
         Some("verify") => verify(&root, args.iter().any(|a| a == "--long")),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|verify [--long]>");
+            eprintln!("usage: cargo xtask <demo|test|bench [--quick]|verify [--long]>");
             exit(2);
         }
     };

@@ -49,6 +49,11 @@ pub fn run_kernel(repo_root: &Path, mode: &str, cpus: u32) -> Result<(), String>
 
 /// As [`run_kernel`], returning the kernel's serial output (stdout).
 pub fn run_kernel_output(repo_root: &Path, mode: &str, cpus: u32) -> Result<String, String> {
+    run_kernel_output_with(repo_root, mode, cpus, &[])
+}
+
+/// As [`run_kernel_output`], with extra QEMU arguments (e.g. `-icount`).
+pub fn run_kernel_output_with(repo_root: &Path, mode: &str, cpus: u32, extra: &[&str]) -> Result<String, String> {
     if mode.is_empty() || !mode.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(format!("invalid kernel mode {mode:?} (expected e.g. demo or test)"));
     }
@@ -62,7 +67,7 @@ pub fn run_kernel_output(repo_root: &Path, mode: &str, cpus: u32) -> Result<Stri
     ensure_rust_target(&kernel_dir)?;
     let kernel = build_kernel(&kernel_dir)?;
     ensure_qemu()?;
-    run_qemu(&kernel, mode, cpus)
+    run_qemu(&kernel, mode, cpus, extra)
 }
 
 /// Installs the bare-metal target with rustup unless it is already there.
@@ -206,9 +211,10 @@ fn qemu_runs() -> bool {
 /// boots the PVH ELF directly (~0.05 s) and INIT/SIPI work as on `q35`.
 /// TCG rather than KVM: KVM on these hosts cannot run SSE in the guest, and
 /// TCG runs the vCPUs in parallel threads anyway.
-fn qemu_command(kernel: &Path, mode: &str, cpus: u32) -> Command {
+fn qemu_command(kernel: &Path, mode: &str, cpus: u32, extra: &[&str]) -> Command {
     let mut cmd = Command::new(QEMU);
     cmd.args(["-M", "microvm", "-accel", "tcg", "-m", GUEST_MEMORY])
+        .args(extra)
         .args(["-smp", &cpus.to_string()])
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
         .args(["-no-reboot"])
@@ -269,8 +275,8 @@ fn tail(text: &str, n: usize) -> String {
     lines[start..].iter().map(|l| format!("    | {l}\n")).collect()
 }
 
-fn run_qemu(kernel: &Path, mode: &str, cpus: u32) -> Result<String, String> {
-    let mut cmd = qemu_command(kernel, mode, cpus);
+fn run_qemu(kernel: &Path, mode: &str, cpus: u32, extra: &[&str]) -> Result<String, String> {
+    let mut cmd = qemu_command(kernel, mode, cpus, extra);
     let shown: Vec<String> = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| {

@@ -22,6 +22,7 @@
 //! * `device`    — the device on the AP: `hmm_core::DeviceOps`, TLB, checks
 //! * `race`      — the unmap/remap race both modes run
 //! * `demo`/`ktest` — `mode=demo` and `mode=test`
+//! * `bench`     — `mode=bench`: `range_fault` timed against a store stream
 //! * `crash`     — `crash=...`: deliberate faults proving failures are loud
 
 #![no_std]
@@ -35,6 +36,7 @@ mod serial;
 mod trace;
 
 mod apic;
+mod bench;
 mod boot;
 mod cpu;
 mod crash;
@@ -133,6 +135,7 @@ extern "C" fn kernel_main(start_info_paddr: u64) -> ! {
     let passed = match boot.mode {
         pvh::Mode::Demo => demo::run(&machine),
         pvh::Mode::Test => ktest::run(&machine),
+        pvh::Mode::Bench => bench::run(&machine),
     };
     qemu_exit::exit(if passed { ExitCode::Success } else { ExitCode::Failure })
 }

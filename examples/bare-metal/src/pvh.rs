@@ -51,6 +51,9 @@ pub enum Mode {
     Demo,
     /// Run the named self-tests and report `N passed, M failed`.
     Test,
+    /// Time `range_fault` against a store stream and print the figures in
+    /// the report protocol of `cargo xtask bench`.
+    Bench,
 }
 
 /// A deliberate crash requested with `crash=` (to check that failures are
@@ -175,7 +178,8 @@ impl BootInfo {
                 mode = Some(match value {
                     "demo" => Mode::Demo,
                     "test" => Mode::Test,
-                    other => panic!("unknown mode={other:?} (expected demo or test)"),
+                    "bench" => Mode::Bench,
+                    other => panic!("unknown mode={other:?} (expected demo, test or bench)"),
                 });
             } else if let Some(value) = word.strip_prefix("cpus=") {
                 cpus = Some(value.parse().unwrap_or_else(|_| panic!("bad cpus={value:?}")));
