@@ -448,6 +448,9 @@ fn main() {
         }
     }
     goals.iter().for_each(print_goal);
+    if !quick {
+        criterion_view(&cx);
+    }
     println!(
         "FIGURE walk bench samples: {}, retaken because another process took the CPU: {}, kept preempted after {} \
          tries: {}",
@@ -457,4 +460,32 @@ fn main() {
         noise.kept_preempted
     );
     eprintln!("walk bench: {:.1} s{}", start.elapsed().as_secs_f64(), if quick { " (quick)" } else { "" });
+}
+
+/// Criterion's statistics (confidence intervals, outliers) for the main
+/// methods at 64 MiB, full mode only. Criterion runs them one after another,
+/// so the RATIO lines come from the interleaved rounds above, not from here.
+fn criterion_view(cx: &Ctx<'_>) {
+    let mut c = criterion::Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(20);
+    let mut g = c.benchmark_group("walk_64mib");
+    g.throughput(criterion::Throughput::Elements(PAGES_64M));
+    let methods: [(&str, Body<'_>); 4] = [
+        ("range_fault", m_range_fault(cx, VA_4K, PAGES_64M)),
+        ("range_fault_2m", m_range_fault(cx, VA_2M, PAGES_64M)),
+        ("naive_translate", m_naive(cx, PAGES_64M)),
+        ("store_floor", m_store(PAGES_64M)),
+    ];
+    for (name, mut body) in methods {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                body(iters);
+                t.elapsed()
+            })
+        });
+    }
+    g.finish();
 }
