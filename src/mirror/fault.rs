@@ -252,14 +252,17 @@ where
                 Err(MapError::HugeInTheWay(huge)) => {
                     self.clear_range(w, huge, Event::Clear);
                 }
-                Err(MapError::Failed(e)) => {
-                    // Return the directories the failed descent left empty,
-                    // by the same rule as everywhere: unlink, flush, free.
-                    self.clear_range(w, target, Event::Clear);
-                    return Err(e);
-                }
+                Err(MapError::Failed(e)) => return Err(self.map_failed(w, target, e)),
             }
         }
+    }
+
+    /// After mapping `target` failed with `e`: returns the directories the
+    /// failed descent left empty, by the same rule as everywhere (unlink,
+    /// flush, free); gives back `e`.
+    fn map_failed(&self, w: &mut TableWriter<F>, target: VaRange, e: Error) -> Error {
+        self.clear_range(w, target, Event::Clear);
+        e
     }
 }
 
@@ -347,9 +350,16 @@ where
                 }
                 _ => None,
             };
-            let done = match usable {
-                Some((frame, writable)) => self.w.map_page(phys, alloc, page, frame, writable).is_ok(),
-                None => false,
+            let done = match usable.map(|(frame, writable)| self.w.map_page(phys, alloc, page, frame, writable)) {
+                Some(Ok(())) => true,
+                Some(Err(MapError::Failed(e))) => {
+                    self.mapped.add_pages(fast.1, fast.0, shift);
+                    let target = VaRange::from_inclusive(page, page + ((1 << shift) - 1));
+                    self.failed = Some(self.mirror.map_failed(self.w, target, e));
+                    return ControlFlow::Break(());
+                }
+                // A huge entry in the way, or not usable: the general path.
+                Some(Err(MapError::HugeInTheWay(_))) | None => false,
             };
             if done {
                 fast.0 += 1;
