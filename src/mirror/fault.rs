@@ -365,7 +365,8 @@ where
                 fast.0 += 1;
             } else {
                 self.mapped.add_pages(fast.1, fast.0, shift);
-                fast = (0, page + (1 << shift));
+                // Wraps only past the top page, where no page follows.
+                fast = (0, page.wrapping_add(1 << shift));
                 let range = VaRange::from_inclusive(page, page + ((1 << shift) - 1));
                 // Decoded again from the same raw value: no second load.
                 self.visit(Span { range, level: 0, shift }, restrict_view(C::decode(raw, 0), allowed))?;

@@ -651,7 +651,9 @@ impl<F: DeviceFormat> TableWriter<F> {
         out.entries += cleared;
         out.pages += cleared;
         let base = start - ((first as u64) << shift);
-        let whole = VaRange::from_inclusive(base + ((lo as u64) << shift), base + ((hi as u64 + 1) << shift) - 1);
+        // `+ (page - 1)`, never `(hi + 1) << shift`: the table may end at 2^64.
+        let whole =
+            VaRange::from_inclusive(base + ((lo as u64) << shift), base + ((hi as u64) << shift) + ((1 << shift) - 1));
         out.extent = Some(out.extent.map_or(whole, |e| e.hull(&whole)));
     }
 
