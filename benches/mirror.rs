@@ -33,6 +33,12 @@ mod kit;
 use std::time::Instant;
 
 fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs bench binaries without `--bench`:
+        // measuring belongs to `cargo bench` (and `cargo xtask bench`).
+        println!("not run as a benchmark (use cargo bench or cargo xtask bench)");
+        return;
+    }
     let mode = kit::Mode::from_env();
     let t0 = Instant::now();
     let at = |name: &str| kit::figure(format!("mirror bench: {name} done at {:.1} s", t0.elapsed().as_secs_f64()));

@@ -654,6 +654,12 @@ fn many_intervals(report: &mut Report, quick: bool) {
 }
 
 fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs bench binaries without `--bench`:
+        // measuring belongs to `cargo bench` (and `cargo xtask bench`).
+        println!("not run as a benchmark (use cargo bench or cargo xtask bench)");
+        return;
+    }
     let quick = std::env::var("HMM_BENCH_QUICK").is_ok_and(|v| v == "1");
     let t0 = Instant::now();
     let mut report = Report::default();

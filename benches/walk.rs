@@ -408,6 +408,12 @@ fn report_group(g: &Group<'_>, pages: u64) {
 }
 
 fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs bench binaries without `--bench`:
+        // measuring belongs to `cargo bench` (and `cargo xtask bench`).
+        println!("not run as a benchmark (use cargo bench or cargo xtask bench)");
+        return;
+    }
     let start = Instant::now();
     let quick = std::env::var("HMM_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
     let plan = match quick {
