@@ -1,7 +1,7 @@
 //! The driver update lock: the one lock a fault's commit and an invalidation
 //! callback both take.
 
-use super::shim::{spin_hint, AtomicBool};
+use super::shim::{spin_hint, AtomicU32};
 use core::cell::UnsafeCell;
 use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
@@ -26,31 +26,45 @@ pub unsafe trait RawLock: Default + Sync {
     unsafe fn unlock(&self);
 }
 
-/// A test-and-test-and-set spin lock.
+/// A ticket spin lock: waiters are served in arrival order, so a thread
+/// that releases and at once retakes the lock (an invalidator running
+/// back to back) cannot keep a waiting fault out.
 #[derive(Debug)]
-pub struct SpinLock(AtomicBool);
+pub struct SpinLock {
+    /// The next ticket to hand out.
+    next: AtomicU32,
+    /// The ticket that holds the lock.
+    serving: AtomicU32,
+}
 
 impl Default for SpinLock {
     fn default() -> Self {
-        Self(AtomicBool::new(false))
+        Self { next: AtomicU32::new(0), serving: AtomicU32::new(0) }
     }
 }
 
-// SAFETY: the compare-exchange from false to true admits one holder at a
-// time, with Acquire; unlock stores false with Release.
+// SAFETY: tickets are unique (one fetch-add or compare-exchange hands each
+// out), and only the holder of ticket `serving` passes `lock`, so one holder
+// at a time; acquiring loads `serving` with Acquire, unlock stores it with
+// Release.
 unsafe impl RawLock for SpinLock {
     fn lock(&self) {
-        while !self.try_lock() {
-            while self.0.load(Ordering::Relaxed) {
-                spin_hint();
-            }
+        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+        while self.serving.load(Ordering::Acquire) != ticket {
+            spin_hint();
         }
     }
+
     fn try_lock(&self) -> bool {
-        self.0.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        // Free exactly when no ticket is out beyond the one being served.
+        let serving = self.serving.load(Ordering::Acquire);
+        self.next.compare_exchange(serving, serving.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
+
     unsafe fn unlock(&self) {
-        self.0.store(false, Ordering::Release);
+        // Only the holder writes `serving`.
+        let next = self.serving.load(Ordering::Relaxed).wrapping_add(1);
+        self.serving.store(next, Ordering::Release);
     }
 }
 

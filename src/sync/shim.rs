@@ -3,9 +3,9 @@
 //! model-checked with `RUSTFLAGS="--cfg loom"` without a second copy of it.
 
 #[cfg(not(loom))]
-pub(crate) use core::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8};
+pub(crate) use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8};
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8};
 
 /// A page-table entry in `PhysMem` memory (see [`crate::phys::entry`]): a
 /// plain `AtomicU64` over that memory, or under loom the same word with the
