@@ -1,6 +1,7 @@
 //! `NotifierRegistry`: the sequence protocol, callbacks, deferred insert and
 //! remove, non-blockable refusal, release, capacity, and the overlap index
-//! (checked against brute force).
+//! (checked against brute force; `tests/notifier_index.rs` has its model
+//! test).
 
 use hmm_core::arch::x86_64::X86_64Level4;
 use hmm_core::notifier::{EntryStore, FixedStore, Registration, VecStore, Waiter};
@@ -746,6 +747,7 @@ proptest! {
             }
             Ok(())
         };
+        prop_assert_eq!(reg.check_invariants(), Ok(()));
         run(&reg, &live, &mut expected)?;
         for ix in &removals {
             let i = ix.index(ns.len());
@@ -754,6 +756,7 @@ proptest! {
                 live[i] = false;
             }
         }
+        prop_assert_eq!(reg.check_invariants(), Ok(()));
         prop_assert_eq!(reg.len(), live.iter().filter(|l| **l).count());
         run(&reg, &live, &mut expected)?;
     }

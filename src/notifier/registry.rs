@@ -1,7 +1,7 @@
 //! The per-address-space registry: the sequence, the active count, and the
 //! notifiers.
 
-use super::index::{for_each_overlap, insertion_point, rebuild};
+use super::index::{IntervalTree, Key};
 use super::store::{Entry, EntryStore};
 use super::MAX_PENDING;
 use super::{Event, Interval, InvalidateRange, Notifier, REGISTERED, UNREGISTERED};
@@ -51,12 +51,12 @@ pub struct NotifierRegistry<S: EntryStore, W: Waiter = SpinWait> {
     /// Count of running invalidations; a short spin lock, never held across
     /// a callback or a wait.
     active: LockCell<SpinLock, State>,
-    // INVARIANT: `store` entries are modified only with `active` locked and
-    // the sequence even; they are read either with `active` locked or by an
-    // invalidation that found an overlap (it made the sequence odd, and the
-    // sequence stays odd until every running invalidation ended, so no
+    // INVARIANT: `store` (tree and entries) is modified only with `active`
+    // locked and the sequence even; it is read either with `active` locked or
+    // by an invalidation that found an overlap (it made the sequence odd, and
+    // the sequence stays odd until every running invalidation ended, so no
     // modification can run). Postponed operations live in `active`.
-    store: RawCell<S>,
+    store: RawCell<IntervalTree<S>>,
     seq: AtomicU64,
     /// Invalidations ended so far (changed under `active`): a reader waiting
     /// through back-to-back overlapping invalidations, whose sequence stays
@@ -100,7 +100,9 @@ impl Running {
 #[derive(Clone, Copy, Debug)]
 struct Deferred {
     insert: bool,
+    /// The entry to insert or remove.
     entry: Entry,
+    interval: NonNull<Interval>,
 }
 
 // SAFETY: `store` is modified only by one thread at a time (with `active`
@@ -155,17 +157,19 @@ impl Invalidation {
 pub struct Registration<'r, S: EntryStore, W: Waiter = SpinWait> {
     registry: &'r NotifierRegistry<S, W>,
     notifier: NonNull<dyn Notifier>,
+    /// The notifier's interval, as inserted.
+    interval: NonNull<Interval>,
 }
 
-// SAFETY: the pointer names a `Notifier`, which is `Sync`; the registration
-// only compares it and hands it back to its registry, which is `Sync`.
+// SAFETY: the pointers name a `Notifier` and an `Interval`, both `Sync`;
+// the registration only hands them back to its registry, which is `Sync`.
 unsafe impl<S: EntryStore + Sync, W: Waiter> Send for Registration<'_, S, W> {}
 // SAFETY: `&Registration` allows nothing but reading the registry reference.
 unsafe impl<S: EntryStore + Sync, W: Waiter> Sync for Registration<'_, S, W> {}
 
 impl<S: EntryStore, W: Waiter> core::fmt::Debug for Registration<'_, S, W> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Registration").field("notifier", &self.notifier.as_ptr().cast::<()>()).finish()
+        f.debug_struct("Registration").field("interval", &self.interval).finish()
     }
 }
 
@@ -182,13 +186,8 @@ impl<S: EntryStore, W: Waiter> Registration<'_, S, W> {
 
 impl<S: EntryStore, W: Waiter> Drop for Registration<'_, S, W> {
     fn drop(&mut self) {
-        self.registry.remove(self.notifier);
+        self.registry.remove(self.notifier, self.interval);
     }
-}
-
-/// Whether `a` is the notifier at address `b`.
-fn same(a: NonNull<dyn Notifier>, b: *const ()) -> bool {
-    core::ptr::eq(a.as_ptr().cast::<()>(), b)
 }
 
 impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
@@ -196,7 +195,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     pub fn new() -> Self {
         Self {
             active: LockCell::new(State::default()),
-            store: RawCell::new(S::default()),
+            store: RawCell::new(IntervalTree::default()),
             seq: AtomicU64::new(0),
             ended: AtomicU64::new(0),
             released: AtomicBool::new(false),
@@ -225,7 +224,8 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
         // SAFETY: lifetime erasure only; the caller keeps `notifier` alive and
         // in place until `remove` returns, after which the pointer is gone.
         let ptr: NonNull<dyn Notifier> = unsafe { core::mem::transmute(NonNull::from(notifier)) };
-        let entry = Entry { start: range.start(), last: range.last(), max_last: range.last(), notifier: ptr };
+        let at = NonNull::from(interval);
+        let entry = Entry::leaf(ptr, range.start(), range.last());
         loop {
             let wait_seq = {
                 let mut state = self.active.lock();
@@ -239,11 +239,9 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
                     // SAFETY: `active` is locked and zero: nobody reads the
                     // store outside the lock (invariant on `store`).
                     unsafe {
-                        self.store.with_mut(|store| {
-                            let at = insertion_point(store.entries(), entry.start);
-                            store.insert(at, entry).map_err(|_| Error::Capacity)?;
-                            store.reserve_spare();
-                            rebuild(store.entries_mut());
+                        self.store.with_mut(|tree| {
+                            tree.insert(entry).map_err(|_| Error::Capacity)?;
+                            tree.reserve_spare();
                             Ok(())
                         })
                     }?;
@@ -256,8 +254,8 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
                 }
                 let pending = state.deferred.iter().filter(|d| d.insert).count();
                 // SAFETY: a shared read, as invalidations do (invariant on `store`).
-                let (room, spare) = unsafe { self.store.with(|st| (st.room(), st.spare())) };
-                if room.is_some_and(|r| pending >= r) {
+                let (room, spare) = unsafe { self.store.with(|tree| (tree.room(), tree.spare())) };
+                if pending >= room {
                     return Err(Error::Capacity);
                 }
                 // A running invalidation may be changing this range even if
@@ -265,7 +263,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
                 // interval as invalidated (odd sequence, read_begin waits).
                 let seq = self.seq.load(Ordering::Relaxed) | 1;
                 self.seq.store(seq, Ordering::Release);
-                if pending < spare && state.deferred.push(Deferred { insert: true, entry }).is_ok() {
+                if pending < spare && state.deferred.push(Deferred { insert: true, entry, interval: at }).is_ok() {
                     // Inserted when the last invalidation ends.
                     interval.seq.store(seq, Ordering::Release);
                     interval.state.store(REGISTERED, Ordering::Release);
@@ -276,22 +274,23 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
             // No room to postpone without allocating: wait for the end.
             self.waiter.wait_until(&|| self.seq.load(Ordering::Acquire) != wait_seq);
         }
-        Ok(Registration { registry: self, notifier: ptr })
+        Ok(Registration { registry: self, notifier: ptr, interval: at })
     }
 
     /// Takes `notifier` out (see [`Registration::remove`]): at once when no
     /// invalidation runs, otherwise postponed to the end of the last one,
     /// waiting for it. The interval is marked unregistered under the
     /// registry lock, when its entry leaves the store.
-    fn remove(&self, notifier: NonNull<dyn Notifier>) {
-        let target = notifier.as_ptr().cast::<()>();
-        // SAFETY: the notifier is registered, so alive (insert's contract).
-        let interval = unsafe { notifier.as_ref() }.interval();
+    fn remove(&self, notifier: NonNull<dyn Notifier>, at: NonNull<Interval>) {
+        // SAFETY: the notifier is registered, so it and its interval are
+        // alive (insert's contract).
+        let interval = unsafe { at.as_ref() };
+        let key = Key::new(interval.range().start(), notifier);
         loop {
             let waiting_for = {
                 let mut state = self.active.lock();
                 let seq = self.seq.load(Ordering::Relaxed);
-                if let Some(i) = state.deferred.iter().position(|d| d.insert && same(d.entry.notifier, target)) {
+                if let Some(i) = state.deferred.iter().position(|d| d.insert && d.interval == at) {
                     // A pending insert never reached the tree: cancel it.
                     state.deferred.remove(i);
                     interval.state.store(UNREGISTERED, Ordering::Release);
@@ -299,30 +298,22 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
                 }
                 if seq & 1 == 0 {
                     // SAFETY: `active` is locked and the sequence even:
-                    // nobody reads the store outside the lock.
-                    unsafe {
-                        self.store.with_mut(|store| {
-                            if let Some(at) = store.entries().iter().position(|e| same(e.notifier, target)) {
-                                store.remove(at);
-                                rebuild(store.entries_mut());
-                            }
-                        })
-                    };
-                    // Not in the store either: a postponed remove of ours was
-                    // applied by the last invalidation (which marked it).
+                    // nobody reads the store outside the lock. (Absent from
+                    // the tree: a postponed remove of ours was applied by the
+                    // last invalidation, which marked it.)
+                    unsafe { self.store.with_mut(|tree| tree.remove(key)) };
                     interval.state.store(UNREGISTERED, Ordering::Release);
                     return;
                 }
                 // Invalidations may be calling it: postpone to the end of the
                 // last one (with no room, wait and retry).
-                if !state.deferred.iter().any(|d| !d.insert && same(d.entry.notifier, target)) {
+                if !state.deferred.iter().any(|d| !d.insert && d.interval == at)
                     // SAFETY: a shared read, as invalidations do.
-                    let here = unsafe {
-                        self.store.with(|store| store.entries().iter().find(|e| same(e.notifier, target)).copied())
-                    };
-                    if let Some(entry) = here {
-                        let _ = state.deferred.push(Deferred { insert: false, entry });
-                    }
+                    && unsafe { self.store.with(|tree| tree.contains(key)) }
+                {
+                    let range = interval.range();
+                    let entry = Entry::leaf(notifier, range.start(), range.last());
+                    let _ = state.deferred.push(Deferred { insert: false, entry, interval: at });
                 }
                 seq
             };
@@ -340,7 +331,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     /// callback may refuse; then the invalidation is ended here and
     /// [`Error::WouldBlock`] returned (do not call `end`).
     pub fn invalidate_range_start(&self, range: VaRange, event: Event, blockable: bool) -> Result<Invalidation> {
-        let cur_seq = {
+        let (cur_seq, tracked, first, mut walk) = {
             let mut active = self.active.lock();
             // Every invalidation is counted, overlapping or not: an interval
             // inserted meanwhile must wait for it (see `insert`).
@@ -348,31 +339,42 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
             let tracked = active.running.push(range).is_ok();
             active.untracked += !tracked as usize;
             // SAFETY: `active` is locked: no modification runs.
-            let overlaps = unsafe {
-                self.store.with(|store| !for_each_overlap(store.entries(), range.start(), range.last(), &mut |_| false))
+            let (walk, first) = unsafe {
+                self.store.with(|tree| {
+                    let mut walk = tree.overlaps(range.start(), range.last());
+                    let first = tree.next_overlap(&mut walk).map(|e| e.notifier);
+                    (walk, first)
+                })
             };
-            if !overlaps {
+            let Some(first) = first else {
                 return Ok(Invalidation { seq: 0, range, tracked });
-            }
+            };
             let seq = self.seq.load(Ordering::Relaxed) | 1;
             self.seq.store(seq, Ordering::Release);
-            (seq, tracked)
+            (seq, tracked, first, walk)
         };
-        let (cur_seq, tracked) = cur_seq;
         let inv = InvalidateRange::new(range, event, blockable, cur_seq);
-        let mut call = |e: &Entry| {
+        let call = |n: NonNull<dyn Notifier>| {
             // SAFETY: a registered notifier stays alive until its removal,
             // which waits while the sequence is odd, as it is until this
             // invalidation ends.
-            let n = unsafe { e.notifier.as_ref() };
+            let n = unsafe { n.as_ref() };
             n.invalidate(&inv) || blockable
         };
         // SAFETY: this invalidation found an overlap and made the sequence
         // odd; it stays odd until this one ends, so the entries cannot change
-        // (invariant on `store`).
-        let all_agreed = unsafe {
-            self.store.with(|store| for_each_overlap(store.entries(), range.start(), range.last(), &mut call))
-        };
+        // (invariant on `store`) and the walk resumes where it stopped.
+        let all_agreed = call(first)
+            && unsafe {
+                self.store.with(|tree| {
+                    while let Some(e) = tree.next_overlap(&mut walk) {
+                        if !call(e.notifier) {
+                            return false;
+                        }
+                    }
+                    true
+                })
+            };
         let token = Invalidation { seq: cur_seq, range, tracked };
         if !all_agreed {
             self.invalidate_range_end(token);
@@ -400,7 +402,7 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
             if state.active == 0 && seq & 1 == 1 {
                 let deferred = core::mem::take(&mut state.deferred);
                 // SAFETY: locked with no invalidation running.
-                unsafe { self.store.with_mut(|store| apply_deferred(store, &deferred)) };
+                unsafe { self.store.with_mut(|tree| apply_deferred(tree, &deferred)) };
                 self.seq.store(seq + 1, Ordering::Release);
             }
         }
@@ -506,7 +508,16 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
     pub fn len(&self) -> usize {
         let _active = self.active.lock();
         // SAFETY: `active` is locked.
-        unsafe { self.store.with(|s| s.entries().len()) }
+        unsafe { self.store.with(|tree| tree.len()) }
+    }
+
+    /// Checks the interval tree's invariants (order, balance, heights,
+    /// subtree `max_last`, slot bookkeeping): for tests.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> core::result::Result<(), &'static str> {
+        let _active = self.active.lock();
+        // SAFETY: `active` is locked: no modification runs.
+        unsafe { self.store.with(|tree| tree.check()) }
     }
 
     /// Whether no notifier is registered.
@@ -528,32 +539,20 @@ fn running(state: &State, interval: &Interval) -> Running {
 
 /// Whether `interval`'s insert waits for the running invalidations to end.
 fn pending_insert(state: &State, interval: &Interval) -> bool {
-    state.deferred.iter().any(|d| {
-        // SAFETY: a postponed insert's notifier is alive until its
-        // registration is removed, which cancels the insert under this lock.
-        d.insert && core::ptr::eq(unsafe { d.entry.notifier.as_ref() }.interval(), interval)
-    })
+    state.deferred.iter().any(|d| d.insert && core::ptr::eq(d.interval.as_ptr(), interval))
 }
 
 /// Applies postponed inserts and removes, in order. Never allocates: room
 /// for the inserts was checked when they were postponed.
-fn apply_deferred<S: EntryStore>(store: &mut S, deferred: &[Deferred]) {
-    if deferred.is_empty() {
-        return;
-    }
+fn apply_deferred<S: EntryStore>(tree: &mut IntervalTree<S>, deferred: &[Deferred]) {
     for op in deferred {
         if op.insert {
-            let at = insertion_point(store.entries(), op.entry.start);
-            let _ = store.insert(at, op.entry);
-        } else if let Some(at) =
-            store.entries().iter().position(|e| same(e.notifier, op.entry.notifier.as_ptr().cast::<()>()))
-        {
-            store.remove(at);
+            let _ = tree.insert(op.entry);
+        } else if tree.remove(op.entry.key()).is_some() {
             // SAFETY: its remover is waiting for this invalidation to end, so
-            // the notifier is alive (insert's contract).
-            let interval = unsafe { op.entry.notifier.as_ref() }.interval();
+            // the notifier and its interval are alive (insert's contract).
+            let interval = unsafe { op.interval.as_ref() };
             interval.state.store(UNREGISTERED, Ordering::Release);
         }
     }
-    rebuild(store.entries_mut());
 }

@@ -4,39 +4,61 @@
 use super::Notifier;
 use core::ptr::NonNull;
 
-/// One registered notifier, as kept sorted by start address.
+/// One slot of the registry's interval tree: a registered notifier with its
+/// tree links, or a free slot waiting for reuse.
+///
+/// 56 bytes on 64-bit targets (not a power of two, see the index), in this
+/// order: what a walk reads comes first.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub struct Entry {
     pub(super) start: u64,
-    pub(super) last: u64,
-    /// Largest `last` in this entry's subtree of the implicit search tree.
+    /// Largest `last` in this entry's subtree.
     pub(super) max_last: u64,
+    /// Largest `last` in its left subtree (0 when empty).
+    pub(super) left_max: u64,
+    /// Left and right child: the slot in the low bits, the height of the
+    /// subtree there in the high ones (a free slot links the next free one
+    /// on the left).
+    pub(super) links: [u32; 2],
+    pub(super) last: u64,
     pub(super) notifier: NonNull<dyn Notifier>,
 }
 
+// Not a power of two (see the index).
+#[cfg(target_pointer_width = "64")]
+static_assertions::const_assert_eq!(core::mem::size_of::<Entry>(), 56);
+
 // SAFETY: `notifier` points to a `Notifier`, which is `Sync`; the registry's
-// insert contract keeps it alive while the entry exists.
+// insert contract keeps it alive while the entry is in the tree.
 unsafe impl Send for Entry {}
-// SAFETY: an `Entry` is plain data (bounds and a pointer to a `Sync`
+// SAFETY: an `Entry` is plain data (bounds, links and a pointer to a `Sync`
 // notifier); a shared `&Entry` allows only reading it.
 unsafe impl Sync for Entry {}
 
-/// Storage for registry entries, kept sorted by start.
+/// Storage for the registry's entries: a slab of tree nodes.
+///
+/// The registry links its entries into a balanced tree by slot index and
+/// recycles freed slots itself, so a store is only a vector: the registry
+/// appends (`insert` at `index == len`) and drops the last slot (`remove`
+/// of `len - 1`), never anything in between, and never reorders slots.
+/// (Since the interval tree replaced the sorted array, `entries` are in
+/// slot order, not sorted, and include free slots.)
 ///
 /// The registry is `Sync` only when its store is `Sync` too: running
 /// invalidations read the entries concurrently, outside the registry lock.
 pub trait EntryStore: Default + Send {
-    /// Entries, sorted by start.
+    /// Every slot, in slot order.
     fn entries(&self) -> &[Entry];
-    /// Entries, mutably (the registry keeps the order).
+    /// Every slot, mutably (the registry keeps the links consistent).
     fn entries_mut(&mut self) -> &mut [Entry];
-    /// Inserts at `index`; `Err` when full.
+    /// Inserts at `index` (the registry only appends); `Err` when full.
     fn insert(&mut self, index: usize, entry: Entry) -> Result<(), Entry>;
-    /// Removes the entry at `index`.
+    /// Removes the slot at `index` (the registry only removes the last).
     fn remove(&mut self, index: usize) -> Entry;
-    /// Entries that can still be inserted at all (`None`: unbounded).
+    /// Slots that can still be appended at all (`None`: unbounded).
     fn room(&self) -> Option<usize>;
-    /// Entries that can be inserted without allocating: the invalidation
+    /// Slots that can be appended without allocating: the invalidation
     /// path applies postponed inserts and must not allocate.
     fn spare(&self) -> usize;
     /// Makes [`spare`](Self::spare) at least [`MAX_PENDING`](super::MAX_PENDING)
