@@ -93,7 +93,9 @@ impl<L: RawLock, T> LockCell<L, T> {
 
     /// Locks if free.
     pub fn try_lock(&self) -> Option<LockGuard<'_, L, T>> {
-        self.lock.try_lock().then_some(LockGuard { cell: self, _not_send: PhantomData })
+        // `then`, not `then_some`: a guard built eagerly and dropped on
+        // failure would unlock a lock someone else holds.
+        self.lock.try_lock().then(|| LockGuard { cell: self, _not_send: PhantomData })
     }
 
     /// Exclusive access without locking (the borrow proves exclusivity).
@@ -155,5 +157,26 @@ impl<L: RawLock, T> Drop for LockGuard<'_, L, T> {
     fn drop(&mut self) {
         // SAFETY: the guard was created by a successful lock.
         unsafe { self.cell.lock.unlock() }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// A refused `try_lock` leaves the holder's lock held (it once built a
+    /// guard eagerly and dropped it, unlocking the holder's lock), and
+    /// tickets are handed out in order.
+    #[test]
+    fn refused_try_lock_keeps_the_lock_held() {
+        let cell = LockCell::<SpinLock, u32>::new(0);
+        let held = cell.lock();
+        assert!(cell.try_lock().is_none());
+        assert!(cell.try_lock().is_none(), "a refused try_lock released the holder's lock");
+        drop(held);
+        let mut again = cell.try_lock().expect("free after the holder left");
+        *again += 1;
+        drop(again);
+        assert_eq!(*cell.lock(), 1);
     }
 }
