@@ -214,6 +214,8 @@ fn encode_special(s: &SpecialEntry, level: usize) -> Result<u64> {
 // non-present entries are never Table or Leaf; 0 decodes to Absent; encode
 // produces exactly the bits decode reads back (tests/x86_64_encoding.rs checks
 // the round trip for every variant and level), and both are pure.
+// `user_page` accepts exactly the present, user level-0 entries, which
+// decode reads as USER leaves (proptest in tests/x86_64_encoding.rs).
 unsafe impl<const LA57: bool> PteFormat for X86_64<LA57> {
     type Geometry = Self;
 

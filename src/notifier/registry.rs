@@ -361,10 +361,11 @@ impl<S: EntryStore, W: Waiter> NotifierRegistry<S, W> {
             let n = unsafe { n.as_ref() };
             n.invalidate(&inv) || blockable
         };
-        // SAFETY: this invalidation found an overlap and made the sequence
-        // odd; it stays odd until this one ends, so the entries cannot change
-        // (invariant on `store`) and the walk resumes where it stopped.
         let all_agreed = call(first)
+            // SAFETY: this invalidation found an overlap and made the sequence
+            // odd; it stays odd until this one ends, so the entries cannot
+            // change (invariant on `store`) and the walk resumes where it
+            // stopped.
             && unsafe {
                 self.store.with(|tree| {
                     while let Some(e) = tree.next_overlap(&mut walk) {

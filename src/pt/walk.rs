@@ -62,11 +62,12 @@ impl PageRun<'_> {
     /// The raw entries in address order, each loaded once (Acquire).
     #[inline]
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        // SAFETY: `first .. first + len` lies inside one live table (the
-        // walker's construction, under the walk's safety contract), and
-        // table entries are only accessed atomically.
-        (0..self.len)
-            .map(move |i| unsafe { AtomicEntry::from_ptr(self.first.add(i) as *mut u64) }.load(Ordering::Acquire))
+        (0..self.len).map(move |i| {
+            // SAFETY: `first .. first + len` lies inside one live table (the
+            // walker's construction, under the walk's safety contract), and
+            // table entries are only accessed atomically.
+            unsafe { AtomicEntry::from_ptr(self.first.add(i) as *mut u64) }.load(Ordering::Acquire)
+        })
     }
 }
 
