@@ -40,6 +40,7 @@ struct Companion<F>(PhantomData<fn() -> F>);
 // same. Nothing is added or changed.
 unsafe impl<F: PteFormat> PteFormat for Companion<F> {
     type Geometry = F::Geometry;
+    const DIRECTORY: LeafFlags = F::DIRECTORY;
 
     fn decode(raw: u64, level: usize) -> PteView {
         F::decode(raw, level)
@@ -48,6 +49,10 @@ unsafe impl<F: PteFormat> PteFormat for Companion<F> {
     fn encode(view: &PteView, level: usize) -> hmm_core::Result<u64> {
         F::encode(view, level)
     }
+
+    fn opaque_bits(raw: u64, level: usize) -> u64 {
+        F::opaque_bits(raw, level)
+    }
 }
 
 // SAFETY: items 1 and 2 of the `DeviceFormat` contract are about `encode`
@@ -55,7 +60,6 @@ unsafe impl<F: PteFormat> PteFormat for Companion<F> {
 // guarantees them; item 3 applies only with `COUNT_SHIFT = Some`, and here it
 // is `None` (no directory bit is claimed).
 unsafe impl<F: DeviceFormat> DeviceFormat for Companion<F> {
-    const DIRECTORY: LeafFlags = F::DIRECTORY;
     const COUNT_SHIFT: Option<u32> = None;
 }
 

@@ -91,6 +91,7 @@ pub enum Event {
 /// }
 /// ```
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct InvalidateRange {
     /// Addresses whose translations change.
     pub range: VaRange,
