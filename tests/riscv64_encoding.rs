@@ -4,7 +4,7 @@
 //! 61..=62, N 63) and the module's software-entry table, then property tests
 //! of the round trips, `user_page` and the geometry.
 
-use hmm_core::arch::riscv64::{Sv39, Sv48, Sv57, DIRECTORY, MAX_OWNER, PHYS_ADDR_BITS, SWAP_OFFSET_BITS};
+use hmm_core::arch::riscv64::{Sv39, Sv48, Sv57, MAX_OWNER, PHYS_ADDR_BITS, SWAP_OFFSET_BITS};
 use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry};
 use hmm_core::Error;
 use proptest::prelude::*;
@@ -16,6 +16,8 @@ const U: LeafFlags = LeafFlags::USER;
 const A: LeafFlags = LeafFlags::ACCESSED;
 const D: LeafFlags = LeafFlags::DIRTY;
 const G: LeafFlags = LeafFlags::GLOBAL;
+/// What a RISC-V directory grants: everything (it has no permission bits).
+const DIRECTORY: LeafFlags = R.union(W).union(X).union(U);
 
 fn leaf(frame: u64, flags: LeafFlags) -> PteView {
     PteView::Leaf { frame, flags }
@@ -55,9 +57,20 @@ fn golden(view: PteView, level: usize, raw: u64) -> usize {
 fn decodes_to(raw: u64, level: usize, view: PteView, canonical: u64) {
     assert_ne!(raw, canonical, "use golden() for exact round trips");
     assert!(golden(view, level, canonical) > 0);
-    for (n, got) in [(3, Sv39::decode(raw, level)), (4, Sv48::decode(raw, level)), (5, Sv57::decode(raw, level))] {
+    for (n, got, opaque) in [
+        (3, Sv39::decode(raw, level), Sv39::opaque_bits(raw, level)),
+        (4, Sv48::decode(raw, level), Sv48::opaque_bits(raw, level)),
+        (5, Sv57::decode(raw, level), Sv57::opaque_bits(raw, level)),
+    ] {
         if level < n {
             assert_eq!(got, view, "Sv{} decode {raw:#x} at level {level}", 12 + 9 * n);
+            // The difference is opaque (contract item 8).
+            assert_eq!(
+                (raw ^ canonical) & !opaque,
+                0,
+                "Sv{}: {raw:#x} vs {canonical:#x}, opaque {opaque:#x}",
+                12 + 9 * n
+            );
         }
     }
 }
@@ -125,10 +138,16 @@ fn superpage_golden() {
 #[test]
 fn directory_golden() {
     // V only, PPN 0x80203: the same at every level above 0.
-    assert_eq!(table(0x8020_3000), PteView::Table { frame: 0x8020_3000, flags: R | W | X | U });
+    assert_eq!((Sv39::DIRECTORY, Sv48::DIRECTORY, Sv57::DIRECTORY), (DIRECTORY, DIRECTORY, DIRECTORY));
     for level in 1..5 {
         golden(table(0x8020_3000), level, 0x2008_0c01);
+        if level < 3 {
+            assert_eq!(Sv39::directory(0x8020_3000, level), Ok(0x2008_0c01));
+        }
+        assert_eq!(Sv57::directory(0x8020_3000, level), Ok(0x2008_0c01));
     }
+    assert_eq!(Sv48::directory(0x8020_3000, 0), Err(Error::Unencodable));
+    assert_eq!(Sv48::directory(0x8020_3000, 4), Err(Error::Unencodable));
     // G (all mappings below global) and RSW are not part of the view.
     decodes_to(0x2008_0c21, 1, table(0x8020_3000), 0x2008_0c01);
     decodes_to(0x2008_0f01, 2, table(0x8020_3000), 0x2008_0c01);
@@ -461,11 +480,33 @@ fn stability<F: PteFormat>(raw: u64, level: usize) -> Result<(), TestCaseError> 
         }
         _ => {}
     }
-    // Every view decode produces encodes again and reads back the same.
+    // Item 8: every view decode produces encodes again, to the same raw
+    // value but for the opaque bits, and encode sets none of those.
     let again = F::encode(&view, level);
     prop_assert!(again.is_ok(), "decode({:#x}, {}) = {:?} does not encode", raw, level, view);
     let again = again.unwrap();
+    let opaque = F::opaque_bits(raw, level);
+    prop_assert_eq!((again ^ raw) & !opaque, 0, "{:#x} -> {:?} -> {:#x}, opaque {:#x}", raw, view, again, opaque);
+    prop_assert_eq!(again & F::opaque_bits(again, level), 0, "{:#x} has opaque bits set", again);
     prop_assert_eq!(F::decode(again, level), view, "{:#x} -> {:?} -> {:#x}", raw, view, again);
+    // Opaque bits are exactly the ignored ones: flipping one keeps the view
+    // (or, for PBMT, may reach the reserved value 3), flipping any other bit
+    // changes it.
+    for bit in 0..64 {
+        let flipped = F::decode(raw ^ 1 << bit, level);
+        if opaque & 1 << bit != 0 {
+            prop_assert!(
+                flipped == view || (bit >= 61 && matches!(flipped, PteView::Invalid(_))),
+                "{:#x}: opaque bit {} changes {:?} to {:?}",
+                raw,
+                bit,
+                view,
+                flipped
+            );
+        } else {
+            prop_assert_ne!(flipped, view, "{:#x}: bit {} is ignored but not opaque", raw, bit);
+        }
+    }
     // The bits the MMU checks survive: V, R, W, X, U.
     if matches!(view, PteView::Leaf { .. } | PteView::Table { .. }) {
         prop_assert_eq!(again & 0x1f, raw & 0x1f, "{:#x} -> {:#x}", raw, again);
@@ -533,6 +574,24 @@ proptest! {
             check::<Sv39>(raw)?;
             check::<Sv48>(raw)?;
             check::<Sv57>(raw)?;
+        }
+    }
+
+    /// Contract item 7: `directory()` links any 4 KiB frame below 2^56 at
+    /// every level above 0, as V and the PPN alone.
+    #[test]
+    fn directory_is_a_plain_table(pfn in 0u64..1 << 44) {
+        let frame = pfn << 12;
+        for level in 1..5 {
+            let want = Ok(pfn << 10 | 1);
+            if level < 3 {
+                prop_assert_eq!(Sv39::directory(frame, level), want);
+            }
+            if level < 4 {
+                prop_assert_eq!(Sv48::directory(frame, level), want);
+            }
+            prop_assert_eq!(Sv57::directory(frame, level), want);
+            prop_assert_eq!(Sv57::decode(pfn << 10 | 1, level), table(frame));
         }
     }
 

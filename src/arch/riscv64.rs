@@ -8,9 +8,10 @@
 //! 2^56), reserved 54..=60, PBMT 61..=62 (Svpbmt), N 63 (Svnapot).
 //!
 //! R = W = X = 0 points to the next table. Directories carry no permission
-//! bits, so every directory decodes with [`DIRECTORY`] (the leaves decide),
-//! and only exactly that encodes. G on a directory (every mapping below is
-//! global) is a TLB hint the view does not carry: an opaque bit.
+//! bits, so every directory decodes with `READ | WRITE | EXEC | USER`
+//! ([`PteFormat::DIRECTORY`]: the leaves decide), and only exactly that
+//! encodes. G on a directory (every mapping below is global) is a TLB hint
+//! the view does not carry; it and RSW are the opaque bits of a directory.
 //!
 //! Decoded as [`PteView::Invalid`] (the MMU faults, or the entry cannot be
 //! described without the virtual address):
@@ -38,7 +39,7 @@
 //! | 0 | 0 | kernel-defined, not interpreted | whole raw value ([`SpecialEntry::Other`]) |
 //! | 0 | 1 | PROT_NONE | R W X U G A D in 1..=7, frame 10..=53, as a leaf |
 //! | 0 | 2 | swap | offset in 10..=61 ([`SWAP_OFFSET_BITS`] = 52 bits) |
-//! | 0 | 3 | migration | frame 10..=53, W 2 |
+//! | 0 | 3 | migration | frame 10..=53, W in bit 2 |
 //! | 1 | any | device-private | W 1, owner 2..=17, frame number (frame >> 12) in 18..=61 |
 //! | 2 | any | device-exclusive | W 1, owner 2..=17, frame number in 18..=61 |
 //! | 3 | any | kernel-defined, not interpreted | whole raw value ([`SpecialEntry::Other`]) |
@@ -46,6 +47,8 @@
 //! Owners use the whole `u16` range ([`MAX_OWNER`]); every frame is below
 //! 2^56 ([`PHYS_ADDR_BITS`]). Software entries encode at every level with
 //! frames aligned to the level's span; `decode` masks the bits below it.
+//! Those bits and the ones a kind leaves unused (54..=61 of PROT_NONE and
+//! migration, 1..=7 of swap, 1 and 3..=7 of migration) are its opaque bits.
 
 use super::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry, MAX_LEVELS};
 use crate::{Error, Result};
@@ -89,9 +92,8 @@ pub const SWAP_OFFSET_BITS: u32 = 52;
 /// Width of a physical address (44-bit frame number, 4 KiB pages); every
 /// frame an entry holds is below `1 << PHYS_ADDR_BITS`.
 pub const PHYS_ADDR_BITS: u32 = 56;
-/// The flags every directory decodes with: RISC-V directories grant
-/// everything, leaves decide.
-pub const DIRECTORY: LeafFlags = LeafFlags::READ.union(LeafFlags::WRITE).union(LeafFlags::EXEC).union(LeafFlags::USER);
+/// Flags of every directory: RISC-V directories grant everything.
+const DIRECTORY: LeafFlags = LeafFlags::READ.union(LeafFlags::WRITE).union(LeafFlags::EXEC).union(LeafFlags::USER);
 
 const V: u64 = 1 << 0;
 const R: u64 = 1 << 1;
@@ -242,22 +244,6 @@ fn encode_special(s: &SpecialEntry, level: usize) -> Result<u64> {
     }
 }
 
-/// Bits of `raw` at `level` (below `LEVELS`) that `decode` ignores.
-fn opaque(raw: u64, level: usize) -> u64 {
-    // Frame-number bits below the span of a huge software entry.
-    let below_span = span_mask(level) >> 12;
-    if raw & V != 0 {
-        return RSW | if raw & (R | W | X) == 0 { G } else { PBMT };
-    }
-    match (class(raw), kind(raw)) {
-        (CLASS_DEVICE_PRIVATE | CLASS_DEVICE_EXCLUSIVE, _) => below_span << DEV_PFN_SHIFT,
-        (0, KIND_PROT_NONE) => SOFT_UNUSED | below_span << PPN_SHIFT,
-        (0, KIND_SWAP) => LOW_FLAGS,
-        (0, KIND_MIGRATION) => SOFT_UNUSED | (LOW_FLAGS & !W) | below_span << PPN_SHIFT,
-        _ => 0,
-    }
-}
-
 // SAFETY: (1) 0 is Absent at every level and Absent encodes to 0. (2) Table
 // only for V = 1, R = W = X = 0 above level 0 with no reserved, A, D, U,
 // PBMT or N bit set: the entries the MMU follows, to the PPN's frame.
@@ -267,13 +253,19 @@ fn opaque(raw: u64, level: usize) -> u64 {
 // can only fault more). Every other V = 1 entry is Invalid; V = 0 entries are
 // never Table or Leaf. (4) encode refuses what decode would not read back
 // (unknown or undefined flag combinations, unaligned or too-wide frames,
-// directory flags other than DIRECTORY, owners and offsets that do not fit,
-// Other values in a reserved kind) and otherwise writes exactly the bits
-// decode reads; tests/riscv64_encoding.rs checks the round trips for every
-// view, level and mode. (5) All functions are pure. (6) `user_page` tests the
-// exact conditions under which decode at level 0 yields a READ | USER leaf.
+// directory flags other than DIRECTORY, offsets that do not fit, Other
+// values in another kind's encoding) and otherwise writes exactly the bits
+// decode reads. (5) All methods but publish_table_writes are pure. (6)
+// `user_page` tests the exact conditions under which decode at level 0
+// yields a READ | USER leaf. (7) directory(frame, l) is V | PPN, Ok for every
+// l >= 1 and 4 KiB frame below 2^56. (8) decode reads every bit outside
+// opaque_bits (RSW and PBMT of a leaf, RSW and G of a directory, the unused
+// and below-span bits of software entries) and encode writes them back as
+// read. (9) publish_table_writes: see its comment. tests/riscv64_encoding.rs
+// checks 4, 6, 7 and 8 for every view kind, level and mode.
 unsafe impl<const N: usize> PteFormat for Riscv64<N> {
     type Geometry = Self;
+    const DIRECTORY: LeafFlags = DIRECTORY;
 
     #[inline(always)]
     fn decode(raw: u64, level: usize) -> PteView {
@@ -300,6 +292,46 @@ unsafe impl<const N: usize> PteFormat for Riscv64<N> {
             PteView::Special(ref s) => encode_special(s, level),
             PteView::Table { .. } | PteView::Invalid(_) => Err(Error::Unencodable),
         }
+    }
+
+    fn opaque_bits(raw: u64, level: usize) -> u64 {
+        if level >= Self::LEVELS {
+            return 0;
+        }
+        // Frame-number bits below the span of a huge software entry.
+        let below_span = span_mask(level) >> 12;
+        if raw & V != 0 {
+            return RSW | if raw & (R | W | X) == 0 { G } else { PBMT };
+        }
+        match (class(raw), kind(raw)) {
+            (CLASS_DEVICE_PRIVATE | CLASS_DEVICE_EXCLUSIVE, _) => below_span << DEV_PFN_SHIFT,
+            (0, KIND_PROT_NONE) => SOFT_UNUSED | below_span << PPN_SHIFT,
+            (0, KIND_SWAP) => LOW_FLAGS,
+            (0, KIND_MIGRATION) => SOFT_UNUSED | (LOW_FLAGS & !W) | below_span << PPN_SHIFT,
+            _ => 0,
+        }
+    }
+
+    /// `fence ow, ow` (Linux's `wmb()`): this hart's earlier stores to table
+    /// memory, normal memory (W) or a device's own memory behind MMIO (O),
+    /// are ordered before its later stores and MMIO writes, which is how
+    /// another agent is told: a flag in memory, an IOMMU command-queue
+    /// doorbell, an IPI through the CLINT or IMSIC (also when an SBI call
+    /// writes it, later in program order). Loads need no ordering here.
+    /// Another hart's MMU still needs an `sfence.vma` there (the kernel's
+    /// shootdown); a non-coherent walker needs cache maintenance (Zicbom),
+    /// which is the kernel's DMA sync, not a fence.
+    #[inline]
+    fn publish_table_writes() {
+        #[cfg(target_arch = "riscv64")]
+        // SAFETY: `fence` only orders this hart's memory accesses: it reads
+        // and writes no memory and no register. Without `nomem` the compiler
+        // also keeps earlier stores before it.
+        unsafe {
+            core::arch::asm!("fence ow, ow", options(nostack, preserves_flags))
+        };
+        #[cfg(not(target_arch = "riscv64"))]
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
     }
 
     /// Valid, readable, user, no reserved bit, N clear, PBMT != 3 (R set:
