@@ -11,7 +11,16 @@
 //! - [`PhysMem`] and [`FrameAllocator`]: the seams to the kernel's memory.
 //!
 //! The crate is `#![no_std]`, needs no allocator, and keeps no global state.
+//!
+//! # Features
+//! - `alloc`: `notifier::VecStore`, an interval store that grows on the
+//!   global allocator (without it, [`notifier::FixedStore`] holds a fixed
+//!   number of intervals).
+//! - `defmt`: [`defmt::Format`](https://docs.rs/defmt) for the public value
+//!   types (views, flags, ranges, errors, statistics), for logging on
+//!   bare-metal targets.
 #![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_op_in_unsafe_fn, missing_docs)]
 
 #[cfg(feature = "alloc")]
