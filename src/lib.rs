@@ -6,7 +6,7 @@
 //!
 //! Layers, each usable without the ones above it:
 //! - [`arch`]: page-table formats (geometry + an architecture-neutral entry
-//!   view); x86_64 4- and 5-level.
+//!   view); the formats shipped and what each encodes are listed there.
 //! - [`pt`]: a generic range walker over any format and the per-page snapshot.
 //! - [`PhysMem`] and [`FrameAllocator`]: the seams to the kernel's memory.
 //!
