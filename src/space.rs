@@ -25,6 +25,7 @@ bitflags! {
 }
 
 #[cfg(feature = "defmt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "defmt")))]
 impl defmt::Format for RegionFlags {
     fn format(&self, f: defmt::Formatter<'_>) {
         defmt::write!(f, "RegionFlags({=u32:#x})", self.bits());

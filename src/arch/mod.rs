@@ -127,6 +127,7 @@ bitflags! {
 }
 
 #[cfg(feature = "defmt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "defmt")))]
 impl defmt::Format for LeafFlags {
     fn format(&self, f: defmt::Formatter<'_>) {
         defmt::write!(f, "LeafFlags({=u16:#x})", self.bits());

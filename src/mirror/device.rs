@@ -77,6 +77,7 @@ pub struct MirrorConfig {
 
 /// Logs the numbers; the clock is shown only as present or not.
 #[cfg(feature = "defmt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "defmt")))]
 impl defmt::Format for MirrorConfig {
     fn format(&self, f: defmt::Formatter<'_>) {
         defmt::write!(

@@ -35,6 +35,7 @@ mod store;
 pub(crate) use registry::Running;
 pub use registry::{Invalidation, NotifierRegistry, Registration};
 #[cfg(feature = "alloc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "alloc")))]
 pub use store::VecStore;
 pub use store::{Entry, EntryStore, FixedStore};
 
