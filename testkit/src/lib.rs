@@ -53,7 +53,7 @@ mod view;
 
 pub use alloc::{CountingAllocator, ORDER_1G, ORDER_2M, POISON};
 pub use file::SimFile;
-pub use oracle::{Backing, Oracle, OracleLeaf, OraclePage};
+pub use oracle::{Backing, Oracle, OracleLeaf, OraclePage, OracleSpecial};
 pub use phys::{SimPhys, HUGE_1G, HUGE_2M, PAGE};
 pub use space::{range, Hook, ModelReadGuard, ModelSpace, RegionKind};
 pub use view::TableView;
