@@ -24,9 +24,6 @@ use hmm_core::{Error, FrameAllocator, Result};
 /// The geometry of format `F`.
 type G<F> = <F as PteFormat>::Geometry;
 
-/// Directory permissions: permissive, leaves decide.
-const DIR_FLAGS: LeafFlags = LeafFlags::READ.union(LeafFlags::WRITE).union(LeafFlags::USER).union(LeafFlags::EXEC);
-
 fn format_name<F>() -> &'static str {
     core::any::type_name::<F>()
 }
@@ -97,9 +94,13 @@ pub(crate) fn encode<F: PteFormat>(view: &PteView, level: usize) -> u64 {
     })
 }
 
-/// The raw directory entry at `level` pointing at `table`.
+/// The raw directory entry at `level` pointing at `table`: the format's
+/// portable directory (`F::directory`, granting `F::DIRECTORY`: leaves
+/// decide).
 pub(crate) fn dir_raw<F: PteFormat>(table: u64, level: usize) -> u64 {
-    encode::<F>(&PteView::Table { frame: table, flags: DIR_FLAGS }, level)
+    F::directory(table, level).unwrap_or_else(|e| {
+        panic!("model: {} cannot encode a directory to {table:#x} at level {level} ({e})", format_name::<F>())
+    })
 }
 
 /// Leaf permissions for a user mapping.
