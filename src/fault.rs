@@ -40,6 +40,7 @@ pub struct RangeFault<'a> {
 
 /// What one `range_fault` call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct FaultStats {
     /// Calls made to the kernel's fault handler (one per contiguous run).
     pub handler_calls: u32,
@@ -266,10 +267,11 @@ pub(crate) enum Class {
 /// Classifies a CPU entry for a device of `owner`.
 pub(crate) fn classify(entry: PteView, owner: Option<u16>) -> Class {
     match entry {
-        PteView::Leaf { frame, flags } if flags.contains(LeafFlags::USER) => {
+        PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
             Class::Valid { frame, write: flags.contains(LeafFlags::WRITE) }
         }
-        // A kernel-only leaf inside a user region, or a malformed entry.
+        // A kernel-only or unreadable (execute-only) leaf inside a user
+        // region, or a malformed entry.
         PteView::Leaf { .. } | PteView::Invalid(_) => Class::Error,
         PteView::Special(SpecialEntry::DevicePrivate { frame, owner: o, write }) if Some(o) == owner => {
             Class::Valid { frame, write }

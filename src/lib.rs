@@ -6,12 +6,21 @@
 //!
 //! Layers, each usable without the ones above it:
 //! - [`arch`]: page-table formats (geometry + an architecture-neutral entry
-//!   view); x86_64 4- and 5-level.
+//!   view); the formats shipped and what each encodes are listed there.
 //! - [`pt`]: a generic range walker over any format and the per-page snapshot.
 //! - [`PhysMem`] and [`FrameAllocator`]: the seams to the kernel's memory.
 //!
 //! The crate is `#![no_std]`, needs no allocator, and keeps no global state.
+//!
+//! # Features
+//! - `alloc`: `notifier::VecStore`, an interval store that grows on the
+//!   global allocator (without it, [`notifier::FixedStore`] holds a fixed
+//!   number of intervals).
+//! - `defmt`: [`defmt::Format`](https://docs.rs/defmt) for the public value
+//!   types (views, flags, ranges, errors, statistics), for logging on
+//!   bare-metal targets.
 #![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_op_in_unsafe_fn, missing_docs)]
 
 #[cfg(feature = "alloc")]

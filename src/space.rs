@@ -24,8 +24,17 @@ bitflags! {
     }
 }
 
+#[cfg(feature = "defmt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "defmt")))]
+impl defmt::Format for RegionFlags {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(f, "RegionFlags({=u32:#x})", self.bits());
+    }
+}
+
 /// A region of an address space, as the kernel describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Region {
     /// Addresses the region covers.
     pub range: VaRange,

@@ -210,10 +210,10 @@ fn refuses_what_the_format_cannot_express() {
 
 #[test]
 fn device_format_constants() {
-    assert_eq!(<S4 as DeviceFormat>::DIRECTORY, DIR);
-    assert_eq!(<S6 as DeviceFormat>::DIRECTORY, DIR);
+    assert_eq!(<S4 as PteFormat>::DIRECTORY, DIR);
+    assert_eq!(<S6 as PteFormat>::DIRECTORY, DIR);
     assert_eq!(<S4 as DeviceFormat>::COUNT_SHIFT, Some(52));
-    assert_eq!(<X86_64Level4 as DeviceFormat>::DIRECTORY, DIR | X);
+    assert_eq!(<X86_64Level4 as PteFormat>::DIRECTORY, DIR | X);
     assert_eq!(<X86_64Level4 as DeviceFormat>::COUNT_SHIFT, Some(52));
     assert_eq!(<X86_64Level5 as DeviceFormat>::COUNT_SHIFT, Some(52));
     // x86_64 directories the mirror writes: P | W | U, NX clear.

@@ -40,6 +40,7 @@ struct Companion<F>(PhantomData<fn() -> F>);
 // same. Nothing is added or changed.
 unsafe impl<F: PteFormat> PteFormat for Companion<F> {
     type Geometry = F::Geometry;
+    const DIRECTORY: LeafFlags = F::DIRECTORY;
 
     fn decode(raw: u64, level: usize) -> PteView {
         F::decode(raw, level)
@@ -48,6 +49,10 @@ unsafe impl<F: PteFormat> PteFormat for Companion<F> {
     fn encode(view: &PteView, level: usize) -> hmm_core::Result<u64> {
         F::encode(view, level)
     }
+
+    fn opaque_bits(raw: u64, level: usize) -> u64 {
+        F::opaque_bits(raw, level)
+    }
 }
 
 // SAFETY: items 1 and 2 of the `DeviceFormat` contract are about `encode`
@@ -55,7 +60,6 @@ unsafe impl<F: PteFormat> PteFormat for Companion<F> {
 // guarantees them; item 3 applies only with `COUNT_SHIFT = Some`, and here it
 // is `None` (no directory bit is claimed).
 unsafe impl<F: DeviceFormat> DeviceFormat for Companion<F> {
-    const DIRECTORY: LeafFlags = F::DIRECTORY;
     const COUNT_SHIFT: Option<u32> = None;
 }
 
@@ -1213,5 +1217,84 @@ fn a_huge_entry_in_the_way_of_smaller_cpu_leaves_goes_first() {
     drop(space);
     // SAFETY: the space and its mirror are gone.
     unsafe { alloc.free_huge(chunk, 9) };
+    assert_eq!(alloc.live(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// The table-write barrier comes before every device callback.
+
+std::thread_local! {
+    static BARRIERS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Format `F` counting its `publish_table_writes` calls on this thread.
+struct Fenced<F>(PhantomData<fn() -> F>);
+
+// SAFETY: every item delegates to `F`; the barrier is `F`'s plus a count.
+unsafe impl<F: PteFormat> PteFormat for Fenced<F> {
+    type Geometry = F::Geometry;
+    const DIRECTORY: LeafFlags = F::DIRECTORY;
+
+    fn decode(raw: u64, level: usize) -> PteView {
+        F::decode(raw, level)
+    }
+    fn encode(view: &PteView, level: usize) -> hmm_core::Result<u64> {
+        F::encode(view, level)
+    }
+    fn opaque_bits(raw: u64, level: usize) -> u64 {
+        F::opaque_bits(raw, level)
+    }
+    fn publish_table_writes() {
+        BARRIERS.with(|b| b.set(b.get() + 1));
+        F::publish_table_writes();
+    }
+}
+
+// SAFETY: as `F`'s (same encodings, same count bits).
+unsafe impl<F: DeviceFormat> DeviceFormat for Fenced<F> {
+    const COUNT_SHIFT: Option<u32> = F::COUNT_SHIFT;
+}
+
+/// Records the barrier count each `update` and `invalidate` saw.
+#[derive(Default)]
+struct BarrierDevice {
+    seen: Mutex<Vec<(&'static str, u64)>>,
+}
+
+impl DeviceOps for BarrierDevice {
+    fn update(&self, _: VaRange) -> Result<(), i32> {
+        self.seen.lock().unwrap().push(("update", BARRIERS.with(|b| b.get())));
+        Ok(())
+    }
+    fn invalidate(&self, _: VaRange, _: Event) {
+        self.seen.lock().unwrap().push(("invalidate", BARRIERS.with(|b| b.get())));
+    }
+    fn flush(&self, _: VaRange) {}
+}
+
+/// A device is told about table changes (a fault's `update`, an
+/// invalidation's `invalidate`) only after the format's barrier made the
+/// stores visible: at least one barrier between any two such callbacks.
+#[test]
+fn the_table_write_barrier_precedes_every_update_and_invalidate() {
+    let (alloc, space) = kernel(64 * MIB);
+    let buf = space.map(GIB, 8 * PAGE, RW, RegionKind::PrivateAnon).unwrap();
+    {
+        let m = pin!(mirror_in::<Fenced<Soft4>, _>(&space, &alloc, BarrierDevice::default(), user()));
+        m.as_ref().register().unwrap();
+        m.fault(range(buf.start(), 4 * PAGE), true).unwrap();
+        m.fault(range(buf.start() + 4 * PAGE, 4 * PAGE), false).unwrap();
+        space.unmap(range(buf.start() + PAGE, PAGE)).unwrap();
+        space.protect(range(buf.start() + 4 * PAGE, 4 * PAGE), R).unwrap();
+        let seen = m.device().seen.lock().unwrap().clone();
+        let kinds: Vec<_> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(kinds, ["update", "update", "invalidate", "invalidate"]);
+        let mut last = 0;
+        for (kind, count) in seen {
+            assert!(count > last, "{kind} without a barrier since the previous callback (count {count})");
+            last = count;
+        }
+    }
+    drop(space);
     assert_eq!(alloc.live(), 0);
 }

@@ -465,16 +465,16 @@ fn huge_leaves_are_one_clipped_visit() {
     assert_eq!(out.len(), 0x3fe00);
     // Every page of the 2 MiB leaf: its own frame, WRITE, order 9.
     for (i, p) in out[..256].iter().enumerate() {
-        assert_eq!(*p, Pfn(VALID | WRITE | 9 << 56 | (0x10_0100 + i as u64)), "page {i}");
+        assert_eq!(*p, Pfn(VALID | WRITE | 9 << 55 | (0x10_0100 + i as u64)), "page {i}");
     }
     assert!(out[256..256 + 510 * 512].iter().all(|p| *p == Pfn::NONE));
     // Every page of the 1 GiB leaf: read-only, order 18.
     for (i, p) in out[256 + 510 * 512..].iter().enumerate() {
-        assert_eq!(*p, Pfn(VALID | 18 << 56 | (0x400_0000 + i as u64)), "page {i}");
+        assert_eq!(*p, Pfn(VALID | 18 << 55 | (0x400_0000 + i as u64)), "page {i}");
         assert_eq!((p.phys(), p.order(), p.is_write()), (0x40_0000_0000 + i as u64 * PAGE, 18, false));
     }
     // Frames inside the 1 GiB leaf far from its start.
-    assert_eq!(s.snapshot(range::<L4>(0xbfff_f000, PAGE)), [Pfn(VALID | 18 << 56 | 0x403_ffff)]);
+    assert_eq!(s.snapshot(range::<L4>(0xbfff_f000, PAGE)), [Pfn(VALID | 18 << 55 | 0x403_ffff)]);
     s.check_snapshot(range::<L4>(0x4000_0000, 3 * M2));
 }
 
@@ -605,11 +605,11 @@ fn directory_permissions_restrict_leaves() {
     assert_eq!(one(G512 + 0x1000), PteView::Leaf { frame: 0x40_0000_0000, flags: ro });
 
     assert_eq!(s.snapshot(range::<L4>(0x8000_0000, PAGE)), [Pfn(VALID | 0x1)]);
-    assert_eq!(s.snapshot(range::<L4>(0x8020_0000, PAGE)), [Pfn(VALID | 9 << 56 | 0x200)]);
+    assert_eq!(s.snapshot(range::<L4>(0x8020_0000, PAGE)), [Pfn(VALID | 9 << 55 | 0x200)]);
     assert_eq!(s.snapshot(range::<L4>(0x8040_0000, PAGE)), [Pfn::ERROR_ENTRY]);
     assert_eq!(s.snapshot(range::<L4>(0xc000_0000, PAGE)), [Pfn::ERROR_ENTRY]);
     assert_eq!(s.snapshot(range::<L4>(0x1_0020_0000, PAGE)), [Pfn(VALID | WRITE | 0x5)]);
-    assert_eq!(s.snapshot(range::<L4>(G512 + G1 - PAGE, PAGE)), [Pfn(VALID | 18 << 56 | 0x403_ffff)]);
+    assert_eq!(s.snapshot(range::<L4>(G512 + G1 - PAGE, PAGE)), [Pfn(VALID | 18 << 55 | 0x403_ffff)]);
     // The unrestricted neighbour directory is untouched.
     s.map(0x4000_0000, 0, 0x6000, true, true);
     assert_eq!(s.snapshot(range::<L4>(0x4000_0000, PAGE)), [Pfn(VALID | WRITE | 0x6)]);
@@ -711,7 +711,7 @@ fn range_ending_at_the_top_of_the_address_space() {
     assert_eq!(s.walk_all(top), [Visit::new(0xffff_ffff_ffe0_0000, u64::MAX, 1, 0xffff_ffff_ffe0_0000, leaf)]);
     let out = s.snapshot(top);
     assert_eq!(out.len(), 512);
-    assert_eq!(out[511], Pfn(VALID | WRITE | 9 << 56 | 0x3ff));
+    assert_eq!(out[511], Pfn(VALID | WRITE | 9 << 55 | 0x3ff));
     s.check(top);
     // The last page alone, and the whole upper half.
     s.check(range::<L4>(u64::MAX - PAGE + 1, PAGE));
@@ -752,10 +752,10 @@ fn five_level_tables() {
     assert_eq!(
         s.snapshot(r),
         [
-            Pfn(VALID | WRITE | 9 << 56 | 0x3fe),
-            Pfn(VALID | WRITE | 9 << 56 | 0x3ff),
-            Pfn(VALID | WRITE | 18 << 56 | 0x4_0000),
-            Pfn(VALID | WRITE | 18 << 56 | 0x4_0001),
+            Pfn(VALID | WRITE | 9 << 55 | 0x3fe),
+            Pfn(VALID | WRITE | 9 << 55 | 0x3ff),
+            Pfn(VALID | WRITE | 18 << 55 | 0x4_0000),
+            Pfn(VALID | WRITE | 18 << 55 | 0x4_0001),
         ]
     );
     let v = s.check_walk(r);
@@ -896,7 +896,7 @@ fn snapshot_rejects_a_slice_of_the_wrong_length() {
     let mut out = vec![Pfn(0x5a5a); 4];
     // SAFETY: as above.
     assert_eq!(unsafe { snapshot::<L4, _>(&s.arena, s.root, r, &mut out) }, Ok(()));
-    assert_eq!(out[3], Pfn(VALID | WRITE | 9 << 56 | 0x203));
+    assert_eq!(out[3], Pfn(VALID | WRITE | 9 << 55 | 0x203));
 }
 
 // ------------------------------------------------------------------ property test

@@ -674,3 +674,33 @@ proptest::proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------- opaque bits
+
+/// Cache bits (PWT 3, PCD 4, PAT 7 at level 0) and the available bits
+/// 9..=11 and 52..=58 of a present page are not in the view: they are its
+/// opaque bits, and re-encoding the view drops exactly them.
+#[test]
+fn cache_and_available_bits_of_a_page_are_opaque() {
+    let raw = 0x8000_0000_1234_5067 | 0x98 | 0xe00 | 0x07f0_0000_0000_0000;
+    let view = leaf(0x1234_5000, RW | U | A | D);
+    assert_eq!(L4::decode(raw, 0), view);
+    assert_eq!(L4::opaque_bits(raw, 0) & raw, 0x98 | 0xe00 | 0x07f0_0000_0000_0000);
+    assert_eq!(L4::encode(&view, 0), Ok(0x8000_0000_1234_5067));
+    // On a 2 MiB leaf, bit 7 is the huge bit (not opaque) and PAT moves to
+    // bit 12, below the leaf's span: opaque with the other sub-span bits.
+    let huge = 0x8000_0000_4020_10e7;
+    assert_eq!(L4::decode(huge, 1), leaf(0x4020_0000, RW | U | A | D));
+    assert_eq!(L4::opaque_bits(huge, 1) & huge, 0x1000);
+}
+
+/// A PROT_NONE entry above level 0 carries the huge bit, as `encode` writes
+/// it; without it the entry is malformed (so that decode-then-encode never
+/// adds a bit the raw value lacked).
+#[test]
+fn huge_prot_none_needs_its_huge_bit() {
+    golden(prot_none(0x20_0000, RW | U), 1, 0x8000_0000_0020_0286);
+    assert_eq!(L4::decode(0x8000_0000_0020_0206, 1), PteView::Invalid(0x8000_0000_0020_0206));
+    // At level 0, bit 7 (PAT) is ignored.
+    assert_eq!(L4::decode(0x8000_0000_0000_1286, 0), prot_none(0x1000, RW | U));
+}

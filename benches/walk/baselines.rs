@@ -58,7 +58,7 @@ fn leaf_word(pte: u64, pa: u64, order: u64) -> u64 {
     // Branch-free so the per-page loop vectorizes.
     let user = ((pte & (P | U) == P | U) as u64).wrapping_neg();
     let present = (pte & P).wrapping_neg();
-    let valid = Pfn::VALID | ((pte & W) << 61) | (order << 56) | (pa >> 12);
+    let valid = Pfn::VALID | ((pte & W) << 61) | (order << 55) | (pa >> 12);
     (valid & user) | (Pfn::ERROR & present & !user)
 }
 

@@ -126,6 +126,14 @@ bitflags! {
     }
 }
 
+#[cfg(feature = "defmt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "defmt")))]
+impl defmt::Format for LeafFlags {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(f, "LeafFlags({=u16:#x})", self.bits());
+    }
+}
+
 /// A software non-present entry: the CPU faults on it, the kernel and
 /// hmm-core read what it stands for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -168,6 +176,7 @@ pub enum SpecialEntry {
 
 /// An architecture-neutral view of one page-table entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum PteView {
     /// Nothing mapped (raw value 0).
     Absent,
@@ -213,36 +222,85 @@ pub enum PteView {
 /// 3. `decode` returns [`PteView::Leaf`] only at levels where
 ///    `G::leaf_allowed(level)` holds, with a frame aligned to the level's span,
 ///    and only for entries the hardware translates to that frame with at most
-///    the permissions reported.
-/// 4. Round trip: for every view `v` and level `l`, if `encode(&v, l)` is
-///    `Ok(raw)` then `decode(raw, l) == v`.
-/// 5. Both functions are pure (no side effects, same output for same input).
+///    the permissions reported. (Reporting fewer permissions, or `Invalid`,
+///    is always allowed.)
+/// 4. Encode-then-decode: for every view `v` and level `l`, if
+///    `encode(&v, l)` is `Ok(raw)` then `decode(raw, l) == v`.
+/// 5. All methods but [`publish_table_writes`](Self::publish_table_writes)
+///    are pure (no side effects, same output for same input).
 /// 6. [`user_page`](Self::user_page), if overridden, agrees with `decode`.
+/// 7. [`directory`](Self::directory)`(frame, l)` is `Ok` for every level
+///    `1 <= l < LEVELS` and every 4 KiB-aligned `frame` below 2^48, and
+///    decodes to `Table { frame, flags: DIRECTORY }`.
+/// 8. Decode-then-encode: for every `raw` and level `l < LEVELS` whose
+///    `decode(raw, l)` is not [`PteView::Invalid`], `encode(&decode(raw, l), l)`
+///    is `Ok(e)` with `(e ^ raw) & !opaque_bits(raw, l) == 0`: the two differ
+///    only in the bits the view does not carry. `encode(&PteView::Invalid(_), l)`
+///    is always an error: a malformed entry is rejected, never re-encoded.
+/// 9. [`publish_table_writes`](Self::publish_table_writes) does what its
+///    documentation says on the architecture the format describes.
 pub unsafe trait PteFormat {
     /// The geometry this format's tables follow.
     type Geometry: PagingGeometry;
+
+    /// The flags `decode` reports for the plain directory entry
+    /// [`directory`](Self::directory) builds: every permission the format's
+    /// directories can grant, so leaves decide. A format whose directories
+    /// carry no permission bits (RISC-V) reports `READ | WRITE | EXEC | USER`.
+    const DIRECTORY: LeafFlags;
 
     /// Reads a raw entry found at `level`.
     fn decode(raw: u64, level: usize) -> PteView;
 
     /// Produces the raw entry for `view` at `level`, or
-    /// [`crate::Error::Unencodable`].
+    /// [`crate::Error::Unencodable`]. Bits the view does not describe (memory
+    /// type, shareability, hints, unused software bits) are left 0.
     fn encode(view: &PteView, level: usize) -> crate::Result<u64>;
+
+    /// The bits of `raw` (found at `level`) that `decode` does not carry into
+    /// its view: memory type and cache attributes, shareability, hints,
+    /// software bits outside the format's special-entry layout, frame bits
+    /// below a huge leaf's span. A kernel that rewrites an entry from a view
+    /// keeps them with `(encode(&view, l)? & !o) | (raw & o)`, where
+    /// `o = opaque_bits(raw, l)` (contract item 8).
+    fn opaque_bits(raw: u64, level: usize) -> u64;
+
+    /// The raw entry at `level` pointing at the next-level table at `frame`,
+    /// granting every permission (leaves decide): the one portable way to
+    /// link a table, whatever bits the format's directories have.
+    #[inline]
+    fn directory(frame: u64, level: usize) -> crate::Result<u64> {
+        Self::encode(&PteView::Table { frame, flags: Self::DIRECTORY }, level)
+    }
 
     /// The common case of a snapshot's inner loop, without building a
     /// [`PteView`]: `Some((frame, writable))` exactly when
-    /// `decode(raw, 0)` is a [`PteView::Leaf`] with [`LeafFlags::USER`], that
-    /// frame, and [`LeafFlags::WRITE`] iff `writable`; `None` otherwise. A
-    /// format overrides it with a direct test of its bits (the default
-    /// decodes).
+    /// `decode(raw, 0)` is a [`PteView::Leaf`] with [`LeafFlags::READ`] and
+    /// [`LeafFlags::USER`], that frame, and [`LeafFlags::WRITE`] iff
+    /// `writable`; `None` otherwise. A format overrides it with a direct test
+    /// of its bits (the default decodes).
     #[inline]
     fn user_page(raw: u64) -> Option<(u64, bool)> {
         match Self::decode(raw, 0) {
-            PteView::Leaf { frame, flags } if flags.contains(LeafFlags::USER) => {
+            PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
                 Some((frame, flags.contains(LeafFlags::WRITE)))
             }
             _ => None,
         }
+    }
+
+    /// The barrier hmm-core issues after writing or clearing entries of a
+    /// table in this format and before telling another agent about it (the
+    /// device's `update`, `invalidate` and `flush` callbacks): once it
+    /// returns, every store this CPU made to table memory before the call is
+    /// visible to any agent that walks the tables (another CPU's MMU, a
+    /// device, an IOMMU) and is told afterwards, by a store, an MMIO write or
+    /// an interrupt. TLB maintenance stays the kernel's (CPU tables) or the
+    /// device's (`DeviceOps::flush`). The default is a sequentially
+    /// consistent fence; each architecture's formats use its own barrier.
+    #[inline]
+    fn publish_table_writes() {
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -254,8 +312,8 @@ pub unsafe trait PteFormat {
 ///
 /// # Safety
 /// On top of [`PteFormat`]'s contract:
-/// 1. `encode(&PteView::Table { frame, flags: Self::DIRECTORY }, l)` succeeds
-///    for every level `l >= 1` and every 4 KiB-aligned `frame` below 2^52.
+/// 1. [`directory`](PteFormat::directory)`(frame, l)` succeeds for every
+///    level `l >= 1` and every 4 KiB-aligned `frame` below 2^52.
 /// 2. `encode(&PteView::Leaf { frame, flags }, l)` succeeds for every level
 ///    where `leaf_allowed(l)`, every `frame` below 2^52 aligned to the
 ///    level's span, and `flags` = `READ | USER` plus any of `WRITE`,
@@ -264,9 +322,6 @@ pub unsafe trait PteFormat {
 ///    directory entry are 0, and both `decode` and the device's walker
 ///    ignore them in directory entries (the mirror keeps a count there).
 pub unsafe trait DeviceFormat: PteFormat {
-    /// The flags of a directory entry the mirror writes: it grants every
-    /// permission, leaves decide.
-    const DIRECTORY: LeafFlags;
     /// First of 10 directory-entry bits the hardware ignores, where the
     /// mirror keeps the number of live entries of the table below (so an
     /// emptied directory is freed without scanning it). `None`: the format

@@ -46,6 +46,19 @@ fn span_mask<G: PagingGeometry>(level: usize) -> u64 {
 // round trip); both are pure.
 unsafe impl<G: PagingGeometry> PteFormat for SoftFormat<G> {
     type Geometry = G;
+    const DIRECTORY: LeafFlags = DIRECTORY;
+
+    fn opaque_bits(raw: u64, level: usize) -> u64 {
+        let read = match Self::decode(raw, level) {
+            PteView::Table { .. } => VALID | LEAF | ADDR_MASK,
+            PteView::Leaf { .. } => {
+                let leaf = if level > 0 { LEAF } else { 0 };
+                VALID | WRITE | DIRTY | ACCESSED | leaf | (ADDR_MASK & !span_mask::<G>(level))
+            }
+            _ => return 0,
+        };
+        !read
+    }
 
     #[inline]
     fn decode(raw: u64, level: usize) -> PteView {
@@ -104,7 +117,6 @@ unsafe impl<G: PagingGeometry> PteFormat for SoftFormat<G> {
 // `decode` reads back ignoring bits 52..=61; leaves of every allowed level
 // and the required flags encode (see `encode`).
 unsafe impl<G: PagingGeometry> DeviceFormat for SoftFormat<G> {
-    const DIRECTORY: LeafFlags = DIRECTORY;
     const COUNT_SHIFT: Option<u32> = Some(COUNT_SHIFT);
 
     #[inline]

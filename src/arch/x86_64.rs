@@ -8,7 +8,7 @@
 //! | kind | meaning | payload |
 //! |---|---|---|
 //! | 0, 6, 7 | kernel-defined, not interpreted | whole raw value ([`SpecialEntry::Other`]) |
-//! | 1 | PROT_NONE | present layout with P clear: frame 12..=51, W 1, U 2, A 5, D 6, huge 7 (levels 1-2), G 8, NX 63 |
+//! | 1 | PROT_NONE | present layout with P clear: frame 12..=51, W 1, U 2, A 5, D 6, huge 7 (set at levels 1-2, else malformed), G 8, NX 63 |
 //! | 2 | swap | offset in bits 12..=62 |
 //! | 3 | migration | frame 12..=51, W 1 |
 //! | 4 | device-private | device frame 12..=51, owner 52..=62, W 1 |
@@ -159,6 +159,8 @@ fn decode_special(raw: u64, level: usize) -> PteView {
     let write = raw & W != 0;
     let owner = ((raw >> OWNER_SHIFT) & MAX_OWNER as u64) as u16;
     match (raw & KIND_MASK) >> KIND_SHIFT {
+        // A huge PROT_NONE entry keeps its huge bit, as encode writes it.
+        KIND_PROT_NONE if level > 0 && raw & HUGE == 0 => PteView::Invalid(raw),
         KIND_PROT_NONE => PteView::ProtNone { frame, flags: flags_from_raw(raw) },
         KIND_SWAP => PteView::Special(SpecialEntry::Swap { offset: (raw & SWAP_MASK) >> 12 }),
         KIND_MIGRATION => PteView::Special(SpecialEntry::Migration { frame, write }),
@@ -218,6 +220,7 @@ fn encode_special(s: &SpecialEntry, level: usize) -> Result<u64> {
 // decode reads as USER leaves (proptest in tests/x86_64_encoding.rs).
 unsafe impl<const LA57: bool> PteFormat for X86_64<LA57> {
     type Geometry = Self;
+    const DIRECTORY: LeafFlags = LeafFlags::READ.union(LeafFlags::WRITE).union(LeafFlags::USER).union(LeafFlags::EXEC);
 
     #[inline(always)]
     fn decode(raw: u64, level: usize) -> PteView {
@@ -236,6 +239,45 @@ unsafe impl<const LA57: bool> PteFormat for X86_64<LA57> {
     #[inline]
     fn user_page(raw: u64) -> Option<(u64, bool)> {
         (raw & (P | U) == P | U).then_some((raw & ADDR_MASK, raw & W != 0))
+    }
+
+    fn opaque_bits(raw: u64, level: usize) -> u64 {
+        if raw == 0 || level >= Self::LEVELS {
+            return 0;
+        }
+        let frame = ADDR_MASK & !span_mask(level);
+        let read = if raw & P != 0 {
+            if level > 0 && raw & HUGE == 0 {
+                P | HUGE | W | U | NX | A | ADDR_MASK
+            } else if leaf_level(level) {
+                P | huge_bit(level) | W | U | A | D | G | NX | frame
+            } else {
+                return 0;
+            }
+        } else if !leaf_level(level) {
+            return 0;
+        } else {
+            match (raw & KIND_MASK) >> KIND_SHIFT {
+                KIND_PROT_NONE => KIND_MASK | huge_bit(level) | W | U | A | D | G | NX | frame,
+                KIND_SWAP => KIND_MASK | SWAP_MASK,
+                KIND_MIGRATION => KIND_MASK | frame | W,
+                KIND_DEVICE_PRIVATE | KIND_DEVICE_EXCLUSIVE => {
+                    KIND_MASK | frame | W | ((MAX_OWNER as u64) << OWNER_SHIFT)
+                }
+                _ => return 0,
+            }
+        };
+        !read & !P
+    }
+
+    /// Stores are seen in order by every x86_64 agent (TSO, coherent DMA
+    /// and IOMMU walks): only the compiler must not sink them.
+    #[inline]
+    fn publish_table_writes() {
+        #[cfg(target_arch = "x86_64")]
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+        #[cfg(not(target_arch = "x86_64"))]
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
     }
 
     fn encode(view: &PteView, level: usize) -> Result<u64> {
@@ -280,7 +322,6 @@ unsafe impl<const LA57: bool> PteFormat for X86_64<LA57> {
 // `decode_present`; leaves with READ | USER plus WRITE / ACCESSED / DIRTY
 // encode at levels 0-2 for aligned frames below 2^52.
 unsafe impl<const LA57: bool> super::DeviceFormat for X86_64<LA57> {
-    const DIRECTORY: LeafFlags = LeafFlags::READ.union(LeafFlags::WRITE).union(LeafFlags::USER).union(LeafFlags::EXEC);
     const COUNT_SHIFT: Option<u32> = Some(52);
 
     /// Present, user, no-execute (devices never execute), W if writable.

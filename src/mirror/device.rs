@@ -75,6 +75,22 @@ pub struct MirrorConfig {
     pub owner: Option<u16>,
 }
 
+/// Logs the numbers; the clock is shown only as present or not.
+#[cfg(feature = "defmt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "defmt")))]
+impl defmt::Format for MirrorConfig {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "MirrorConfig {{ max_retries: {=u32}, clock: {=bool}, max_ticks: {=u64}, owner: {} }}",
+            self.max_retries,
+            self.clock.is_some(),
+            self.max_ticks,
+            self.owner
+        );
+    }
+}
+
 impl Default for MirrorConfig {
     fn default() -> Self {
         Self { max_retries: 64, clock: None, max_ticks: u64::MAX, owner: None }
@@ -83,6 +99,7 @@ impl Default for MirrorConfig {
 
 /// Counters of one mirror.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct MirrorStats {
     /// Device faults handled (calls to [`Mirror::fault`](crate::Mirror::fault)
     /// that passed validation).

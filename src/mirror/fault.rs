@@ -190,7 +190,10 @@ where
             *done = Some(done.map_or(range, |d| d.hull(&range)));
         }
         let stop = match (outcome?, mapped.range) {
-            (stop, Some(range)) => self.device.update(range).map(|()| stop).map_err(Error::Device)?,
+            (stop, Some(range)) => {
+                F::publish_table_writes();
+                self.device.update(range).map(|()| stop).map_err(Error::Device)?
+            }
             (stop, None) => stop,
         };
         bump_locked(&self.counters.pages_mapped, mapped.pages);

@@ -212,6 +212,7 @@ where
                 return pages;
             }
             let flush = c.extent.map_or(range, |e| e.hull(&range));
+            F::publish_table_writes();
             self.device.invalidate(flush, event);
             self.device.flush(flush);
             let more = reclaim.overflowed();

@@ -35,6 +35,7 @@ mod store;
 pub(crate) use registry::Running;
 pub use registry::{Invalidation, NotifierRegistry, Registration};
 #[cfg(feature = "alloc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "alloc")))]
 pub use store::VecStore;
 pub use store::{Entry, EntryStore, FixedStore};
 
@@ -91,6 +92,7 @@ pub enum Event {
 /// }
 /// ```
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct InvalidateRange {
     /// Addresses whose translations change.
     pub range: VaRange,

@@ -95,8 +95,9 @@ impl<const N: usize> EntryStore for FixedStore<N> {
 
 /// Unbounded storage on the global allocator. It keeps room for
 /// [`MAX_PENDING`](super::MAX_PENDING) more entries, so applying postponed
-/// inserts never allocates.
+/// inserts never allocates. Available with the `alloc` feature.
 #[cfg(feature = "alloc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "alloc")))]
 #[derive(Debug)]
 pub struct VecStore {
     entries: alloc::vec::Vec<Entry>,

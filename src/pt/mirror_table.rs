@@ -87,6 +87,7 @@ pub struct TableStats {
 
 /// What a [`TableWriter::clear`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Cleared {
     /// Leaf entries removed.
     pub entries: u64,
@@ -99,6 +100,7 @@ pub struct Cleared {
 
 /// Why a [`TableWriter::map`] stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum MapError {
     /// A frame allocation failed, or the range is invalid for the format.
     Failed(Error),
@@ -525,8 +527,7 @@ impl<F: DeviceFormat> TableWriter<F> {
         } else {
             0
         };
-        let raw = F::encode(&PteView::Table { frame: table, flags: F::DIRECTORY }, level)
-            .expect("DeviceFormat contract: directories encode");
+        let raw = F::directory(table, level).expect("DeviceFormat contract: directories encode");
         if F::COUNT_SHIFT.is_none() {
             // SAFETY: a live companion of this tree, index below 512.
             unsafe { entry(phys, node.meta, index) }.store(meta, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 /// Per-page result of a snapshot or fault: a frame number plus flags and the
 /// order of the CPU leaf that maps it.
 ///
-/// Layout: bit 63 VALID, bit 62 WRITE, bit 61 ERROR, bits 56..=60 map order,
+/// Layout: bit 63 VALID, bit 62 WRITE, bit 61 ERROR, bits 55..=60 map order,
 /// bits 0..=51 frame number (physical address >> 12). On input to
 /// [`range_fault`](crate::range_fault) the same word carries request flags:
 /// [`Pfn::REQ_FAULT`] (= VALID) and [`Pfn::REQ_WRITE`] (= WRITE).
@@ -24,8 +24,9 @@ impl Pfn {
     pub const REQ_FAULT: u64 = Self::VALID;
     /// Input: the page must come out WRITE (implies REQ_FAULT).
     pub const REQ_WRITE: u64 = Self::WRITE;
-    const ORDER_SHIFT: u32 = 56;
-    const ORDER_MASK: u64 = 0x1f << Self::ORDER_SHIFT;
+    // Six bits: a leaf five levels up in a 9-bit-index geometry is order 36.
+    const ORDER_SHIFT: u32 = 55;
+    const ORDER_MASK: u64 = 0x3f << Self::ORDER_SHIFT;
     const FRAME_MASK: u64 = (1 << 52) - 1;
     /// All flag bits (VALID, WRITE, ERROR).
     pub const FLAGS: u64 = Self::VALID | Self::WRITE | Self::ERROR;

@@ -13,7 +13,7 @@ use core::ops::ControlFlow;
 /// knowledge of regions):
 /// - a user-accessible leaf: VALID (+WRITE if writable), order of the leaf;
 ///   every page of a large leaf shares flags and order;
-/// - a leaf without USER, PROT_NONE, a malformed entry: ERROR;
+/// - a leaf without USER or READ, PROT_NONE, a malformed entry: ERROR;
 /// - absent and software non-present entries: 0 (not present).
 ///
 /// Errors: the range's validation errors, [`Error::BadLength`] if `out` does
@@ -122,7 +122,7 @@ impl<O: Fn(PteView) -> Word> Visitor for Filler<'_, O> {
         // Offset of the first visited page inside the entry.
         let skip = span.range.start() - span.entry_base();
         let word = match entry {
-            PteView::Leaf { frame, flags } if flags.contains(LeafFlags::USER) => {
+            PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
                 Word::Frame { frame, write: flags.contains(LeafFlags::WRITE) }
             }
             other => (self.other)(other),

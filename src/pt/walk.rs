@@ -20,6 +20,7 @@ use core::sync::atomic::Ordering;
 
 /// The part of one table entry a walk visits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Span {
     /// The visited addresses: the entry's span clipped to the walked range.
     pub range: VaRange,

@@ -61,9 +61,19 @@ fn demo(root: &Path) -> Result<(), String> {
     qemu::run_kernel(root, "demo", 2)
 }
 
+/// The bare-metal targets the library must build for, one per architecture
+/// with page-table formats in `src/arch`.
+const LIBRARY_TARGETS: [&str; 3] = ["x86_64-unknown-none", "aarch64-unknown-none", "riscv64gc-unknown-none-elf"];
+
 fn test(root: &Path) -> Result<(), String> {
     run(root, "cargo", &["test", "--workspace", "--all-targets"])?;
     run(root, "cargo", &["test", "--workspace", "--doc"])?;
+    for target in LIBRARY_TARGETS {
+        println!("xtask: building the library for {target} (no features, then alloc + defmt)");
+        qemu::ensure_rust_target(root, target)?;
+        run(root, "cargo", &["build", "-p", "hmm-core", "--target", target])?;
+        run(root, "cargo", &["build", "-p", "hmm-core", "--target", target, "--features", "alloc,defmt"])?;
+    }
     println!("xtask: booting the bare-metal kernel in test mode (2 cores)");
     qemu::run_kernel(root, "test", 2)
 }

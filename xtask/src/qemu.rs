@@ -64,22 +64,23 @@ pub fn run_kernel_output_with(repo_root: &Path, mode: &str, cpus: u32, extra: &[
     if !kernel_dir.join("Cargo.toml").is_file() {
         return Err(format!("kernel crate not found at {}", kernel_dir.display()));
     }
-    ensure_rust_target(&kernel_dir)?;
+    ensure_rust_target(&kernel_dir, TARGET)?;
     let kernel = build_kernel(&kernel_dir)?;
     ensure_qemu()?;
     run_qemu(&kernel, mode, cpus, extra)
 }
 
-/// Installs the bare-metal target with rustup unless it is already there.
-fn ensure_rust_target(kernel_dir: &Path) -> Result<(), String> {
+/// Installs a Rust target with rustup unless it is already there (`dir`
+/// selects the toolchain through its `rust-toolchain.toml`).
+pub(crate) fn ensure_rust_target(dir: &Path, target: &str) -> Result<(), String> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
-        .current_dir(kernel_dir)
+        .current_dir(dir)
         .stderr(Stdio::inherit())
         .output();
     match installed {
         Ok(out) if out.status.success() => {
-            if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == TARGET) {
+            if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == target) {
                 return Ok(());
             }
         }
@@ -89,20 +90,20 @@ fn ensure_rust_target(kernel_dir: &Path) -> Result<(), String> {
         Err(e) => {
             // No rustup (e.g. a distro toolchain): let the build say whether
             // the target's standard library is available.
-            eprintln!("xtask: warning: cannot run rustup ({e}); assuming {TARGET} is installed");
+            eprintln!("xtask: warning: cannot run rustup ({e}); assuming {target} is installed");
             return Ok(());
         }
     }
-    eprintln!("xtask: installing Rust target {TARGET}: rustup target add {TARGET}");
+    eprintln!("xtask: installing Rust target {target}: rustup target add {target}");
     let status = Command::new("rustup")
-        .args(["target", "add", TARGET])
-        .current_dir(kernel_dir)
+        .args(["target", "add", target])
+        .current_dir(dir)
         .status()
-        .map_err(|e| format!("cannot run `rustup target add {TARGET}`: {e}"))?;
+        .map_err(|e| format!("cannot run `rustup target add {target}`: {e}"))?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!("`rustup target add {TARGET}` failed ({status})"))
+        Err(format!("`rustup target add {target}` failed ({status})"))
     }
 }
 

@@ -1,0 +1,154 @@
+//! The `PteFormat` contract, checked the same way for every format the crate
+//! ships: encode-then-decode and decode-then-encode (with the format's
+//! opaque bits), the portable directory entry, `user_page` against `decode`,
+//! absent entries and the rejection of malformed ones. Each format's golden
+//! encodings from its architecture manual live in its own test file.
+
+use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry};
+use proptest::prelude::*;
+
+/// Raw values worth decoding: uniform noise, sparse words (a few bits set,
+/// the shape of real entries) and real encodings with noise in their opaque
+/// bits.
+fn raw_words<F: PteFormat>() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        proptest::collection::vec(0u32..64, 1..8).prop_map(|bits| bits.iter().fold(0u64, |w, b| w | 1 << b)),
+        (views(), 0..F::Geometry::LEVELS, any::<u64>()).prop_filter_map("unencodable", |(v, level, noise)| {
+            let raw = F::encode(&v, level).ok()?;
+            Some(raw | (noise & F::opaque_bits(raw, level)))
+        }),
+    ]
+}
+
+fn flags() -> impl Strategy<Value = LeafFlags> {
+    any::<u16>().prop_map(LeafFlags::from_bits_truncate)
+}
+
+/// Frames anywhere in a 52-bit physical space, often aligned to a large
+/// span so huge leaves are exercised.
+fn frames() -> impl Strategy<Value = u64> {
+    (any::<u64>(), 12u32..40).prop_map(|(f, align)| f & ((1 << 52) - 1) & !((1u64 << align) - 1))
+}
+
+fn views() -> impl Strategy<Value = PteView> {
+    prop_oneof![
+        Just(PteView::Absent),
+        (frames(), flags()).prop_map(|(frame, flags)| PteView::Table { frame, flags }),
+        (frames(), flags()).prop_map(|(frame, flags)| PteView::Leaf { frame, flags }),
+        (frames(), flags()).prop_map(|(frame, flags)| PteView::ProtNone { frame, flags }),
+        any::<u64>().prop_map(|offset| PteView::Special(SpecialEntry::Swap { offset: offset >> (offset % 64) })),
+        (frames(), any::<bool>()).prop_map(|(frame, write)| PteView::Special(SpecialEntry::Migration { frame, write })),
+        (frames(), any::<u16>(), any::<bool>())
+            .prop_map(|(frame, owner, write)| PteView::Special(SpecialEntry::DevicePrivate { frame, owner, write })),
+        (frames(), any::<u16>(), any::<bool>())
+            .prop_map(|(frame, owner, write)| PteView::Special(SpecialEntry::DeviceExclusive { frame, owner, write })),
+        any::<u64>().prop_map(|raw| PteView::Special(SpecialEntry::Other(raw))),
+    ]
+}
+
+/// Item 4, and what `encode` leaves out: an encoding decodes to its view and
+/// carries no opaque bit.
+fn encode_then_decode<F: PteFormat>(view: PteView, level: usize) -> Result<(), TestCaseError> {
+    if let Ok(raw) = F::encode(&view, level) {
+        prop_assert_eq!(F::decode(raw, level), view, "{:#x} at level {}", raw, level);
+        prop_assert_eq!(raw & F::opaque_bits(raw, level), 0, "encode set opaque bits of {:#x}", raw);
+    }
+    Ok(())
+}
+
+/// Item 8: decode then encode gives the raw value back up to its opaque
+/// bits; malformed entries are rejected.
+fn decode_then_encode<F: PteFormat>(raw: u64, level: usize) -> Result<(), TestCaseError> {
+    let view = F::decode(raw, level);
+    match view {
+        PteView::Invalid(_) => prop_assert!(F::encode(&view, level).is_err(), "{:?} re-encoded", view),
+        _ => {
+            let e = F::encode(&view, level);
+            prop_assert!(e.is_ok(), "{:#x} at level {} decodes to {:?}, which does not encode", raw, level, view);
+            let e = e.unwrap();
+            let opaque = F::opaque_bits(raw, level);
+            prop_assert_eq!((e ^ raw) & !opaque, 0, "{:#x} -> {:?} -> {:#x} (opaque {:#x})", raw, view, e, opaque);
+            prop_assert_eq!(F::decode(e, level), view);
+        }
+    }
+    Ok(())
+}
+
+/// Item 6: the snapshot's shortcut agrees with the full decode.
+fn user_page_agrees<F: PteFormat>(raw: u64) -> Result<(), TestCaseError> {
+    let expected = match F::decode(raw, 0) {
+        PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
+            Some((frame, flags.contains(LeafFlags::WRITE)))
+        }
+        _ => None,
+    };
+    prop_assert_eq!(F::user_page(raw), expected, "raw {:#x}", raw);
+    Ok(())
+}
+
+/// Item 7: the portable directory entry links any 4 KiB frame below 2^48
+/// at every level that has tables.
+fn directory_links<F: PteFormat>(frame: u64) -> Result<(), TestCaseError> {
+    let frame = frame & ((1 << 48) - 1) & !0xfff;
+    for level in 1..F::Geometry::LEVELS {
+        let raw = F::directory(frame, level);
+        prop_assert!(raw.is_ok(), "directory({:#x}, {}) refused", frame, level);
+        let view = F::decode(raw.unwrap(), level);
+        prop_assert_eq!(view, PteView::Table { frame, flags: F::DIRECTORY });
+    }
+    Ok(())
+}
+
+/// Items 1 and 8's rejection half, exhaustively over the levels.
+fn fixed_points<F: PteFormat>() {
+    for level in 0..F::Geometry::LEVELS {
+        assert_eq!(F::decode(0, level), PteView::Absent, "level {level}");
+        assert_eq!(F::encode(&PteView::Absent, level), Ok(0), "level {level}");
+        assert!(F::encode(&PteView::Invalid(1), level).is_err(), "level {level}");
+    }
+    assert!(F::directory(0x1000, 0).is_err(), "a directory at level 0");
+    assert!(F::DIRECTORY.contains(LeafFlags::READ | LeafFlags::WRITE | LeafFlags::USER));
+}
+
+macro_rules! contract {
+    ($name:ident, $format:ty) => {
+        mod $name {
+            use super::*;
+            type F = $format;
+
+            #[test]
+            fn absent_and_invalid() {
+                fixed_points::<F>();
+            }
+
+            proptest! {
+                #![proptest_config(ProptestConfig { cases: 1500, failure_persistence: None, ..ProptestConfig::default() })]
+
+                #[test]
+                fn encode_then_decode_round_trips(view in views(), level in 0..<F as PteFormat>::Geometry::LEVELS) {
+                    encode_then_decode::<F>(view, level)?;
+                }
+
+                #[test]
+                fn decode_then_encode_keeps_all_but_opaque_bits(raw in raw_words::<F>(), level in 0..<F as PteFormat>::Geometry::LEVELS) {
+                    decode_then_encode::<F>(raw, level)?;
+                }
+
+                #[test]
+                fn user_page_agrees_with_decode(raw in raw_words::<F>()) {
+                    user_page_agrees::<F>(raw)?;
+                }
+
+                #[test]
+                fn directory_decodes_as_plain_table(frame in any::<u64>()) {
+                    directory_links::<F>(frame)?;
+                }
+            }
+        }
+    };
+}
+
+contract!(x86_64_level4, hmm_core::arch::x86_64::X86_64Level4);
+contract!(x86_64_level5, hmm_core::arch::x86_64::X86_64Level5);
+contract!(soft_level4, hmm_core::arch::soft::SoftFormat<hmm_core::arch::x86_64::X86_64Level4>);
