@@ -48,14 +48,26 @@ fn golden(view: PteView, level: usize, raw: u64) {
 }
 
 /// A raw value as another kernel (Linux) writes it: decodes to `view`, and
-/// encoding that view gives `canonical`, which may differ from `raw` only
-/// in bits the format does not model.
+/// encoding that view gives `canonical`, which differs from `raw` exactly in
+/// `opaque`, bits the format does not model (contract item 8); merging them
+/// back restores `raw`.
 #[track_caller]
-fn foreign<F: PteFormat>(raw: u64, level: usize, view: PteView, canonical: u64) {
+fn foreign<F: PteFormat>(raw: u64, level: usize, view: PteView, canonical: u64, opaque: u64) {
     assert_eq!(F::decode(raw, level), view, "decode {raw:#x} at level {level}");
     assert_eq!(F::encode(&view, level), Ok(canonical), "re-encode {view:?}");
     assert_eq!(F::decode(canonical, level), view);
+    let o = F::opaque_bits(raw, level);
+    assert_eq!(o & (raw ^ canonical), raw ^ canonical, "{raw:#x} vs {canonical:#x}: opaque {o:#x}");
+    assert_eq!(o & opaque, opaque, "{opaque:#x} should be opaque in {raw:#x} (got {o:#x})");
+    assert_eq!((canonical & !o) | (raw & o), raw);
+    assert_eq!(canonical & F::opaque_bits(canonical, level), 0, "encode set opaque bits");
 }
+
+/// Bits that are always opaque in a leaf: AttrIndx, NS, GP, Contiguous,
+/// software 56..=58, PBHA, 63.
+const LEAF_ATTRS: u64 = 0xff14_0000_0000_003c;
+/// ... and SH in the 48-bit format.
+const SH: u64 = 0x300;
 
 #[track_caller]
 fn rejects<F: PteFormat>(view: PteView, level: usize) {
@@ -83,28 +95,34 @@ fn linux_user_pages() {
     // (0x800), DBM (PTE_WRITE, 51), PXN (53), UXN (54), software dirty (55).
     let dirty = 0x00e8_0000_1234_5f43;
     // Ours: the same without SH and the software dirty bit (DBM says dirty).
-    foreign::<A48>(dirty, 0, leaf(0x1234_5000, R | W | U | A | D), 0x0068_0000_1234_5c43);
+    foreign::<A48>(dirty, 0, leaf(0x1234_5000, R | W | U | A | D), 0x0068_0000_1234_5c43, LEAF_ATTRS | SH | 1 << 55);
     // Installed clean: AP[2] read-only (0x80) with DBM: writable-clean,
     // reported read-only and clean; ours drops DBM.
     let clean = 0x0068_0000_1234_5fc3;
-    foreign::<A48>(clean, 0, leaf(0x1234_5000, R | U | A), 0x0060_0000_1234_5cc3);
+    foreign::<A48>(clean, 0, leaf(0x1234_5000, R | U | A), 0x0060_0000_1234_5cc3, LEAF_ATTRS | SH | 1 << 51);
     // PAGE_READONLY_EXEC: AP[2], user, nG, PXN only: user-executable.
-    foreign::<A48>(0x0020_0000_0040_0fc3, 0, leaf(0x40_0000, R | U | X | A), 0x0020_0000_0040_0cc3);
+    foreign::<A48>(0x0020_0000_0040_0fc3, 0, leaf(0x40_0000, R | U | X | A), 0x0020_0000_0040_0cc3, LEAF_ATTRS | SH);
     // Write-protected dirty page (pte_wrprotect moves DBM into bit 55).
-    foreign::<A48>(0x00e0_0000_0040_0fc3, 0, leaf(0x40_0000, R | U | A | D), 0x00e0_0000_0040_0cc3);
+    foreign::<A48>(0x00e0_0000_0040_0fc3, 0, leaf(0x40_0000, R | U | A | D), 0x00e0_0000_0040_0cc3, LEAF_ATTRS | SH);
     // A user leaf's PXN is not modelled: PXN clear still encodes with PXN.
-    foreign::<A48>(0x0040_0000_0040_0c43, 0, leaf(0x40_0000, R | W | U | A), 0x0060_0000_0040_0c43);
+    foreign::<A48>(0x0040_0000_0040_0c43, 0, leaf(0x40_0000, R | W | U | A), 0x0060_0000_0040_0c43, 1 << 53);
 }
 
 #[test]
 fn linux_kernel_pages() {
     // PAGE_KERNEL: SH, AF, DBM (writable), PXN, UXN, global: dirty, no exec.
-    foreign::<A48>(0x0068_0000_4000_0703, 0, leaf(0x4000_0000, R | W | A | D | G), 0x0068_0000_4000_0403);
+    foreign::<A48>(
+        0x0068_0000_4000_0703,
+        0,
+        leaf(0x4000_0000, R | W | A | D | G),
+        0x0068_0000_4000_0403,
+        LEAF_ATTRS | SH,
+    );
     // PAGE_KERNEL_ROX: AP[2], UXN, PXN clear: kernel-executable.
-    foreign::<A48>(0x0040_0000_4000_0783, 0, leaf(0x4000_0000, R | X | A | G), 0x0040_0000_4000_0483);
+    foreign::<A48>(0x0040_0000_4000_0783, 0, leaf(0x4000_0000, R | X | A | G), 0x0040_0000_4000_0483, LEAF_ATTRS | SH);
     // Execute-only user page (AP[1] clear, UXN clear): read as a kernel
     // read-only leaf, EL0 execution unreported; ours sets UXN.
-    foreign::<A48>(0x0020_0000_4000_0f83, 0, leaf(0x4000_0000, R | A), 0x0060_0000_4000_0c83);
+    foreign::<A48>(0x0020_0000_4000_0f83, 0, leaf(0x4000_0000, R | A), 0x0060_0000_4000_0c83, 1 << 54);
 }
 
 #[test]
@@ -164,7 +182,7 @@ fn lpa2_address_bits() {
     // OA[51:50] in bits 9:8: the Linux dirty page above, read with LPA2, maps
     // frame 0x000c_0000_1234_5000; encode keeps bits 9:8.
     let raw = 0x00e8_0000_1234_5f43;
-    foreign::<A52>(raw, 0, leaf(0x000c_0000_1234_5000, R | W | U | A | D), 0x0068_0000_1234_5f43);
+    foreign::<A52>(raw, 0, leaf(0x000c_0000_1234_5000, R | W | U | A | D), 0x0068_0000_1234_5f43, LEAF_ATTRS | 1 << 55);
     // The 48-bit format reads bits 9:8 as SH: same permissions, low frame.
     assert_eq!(A48::decode(raw, 0), leaf(0x1234_5000, R | W | U | A | D));
     // Top of each OA range, pages and blocks.
@@ -222,13 +240,13 @@ fn table_golden() {
 fn foreign_tables() {
     // Linux kernel tables: UXNTable only. EXEC is dropped (one EXEC flag for
     // both privileges); ours adds PXNTable.
-    foreign::<A48>(0x1000_0000_0000_5003, 2, table(0x5000, R | W | U), 0x1800_0000_0000_5003);
+    foreign::<A48>(0x1000_0000_0000_5003, 2, table(0x5000, R | W | U), 0x1800_0000_0000_5003, 1 << 59);
     // APTable[1] and UXNTable.
-    foreign::<A48>(0x5000_0000_0000_5003, 1, table(0x5000, R | U), 0x5800_0000_0000_5003);
+    foreign::<A48>(0x5000_0000_0000_5003, 1, table(0x5000, R | U), 0x5800_0000_0000_5003, 1 << 59);
     // APTable[0] alone removes USER and EXEC.
-    foreign::<A48>(0x2000_0000_0000_5003, 1, table(0x5000, R | W), 0x3800_0000_0000_5003);
+    foreign::<A48>(0x2000_0000_0000_5003, 1, table(0x5000, R | W), 0x3800_0000_0000_5003, 3 << 59);
     // Ignored bits 2..=11 and 51..=58, NSTable (63).
-    foreign::<A48>(0x87f8_0000_0000_5fff, 1, table(0x5000, R | W | U | X), 0x5003);
+    foreign::<A48>(0x87f8_0000_0000_5fff, 1, table(0x5000, R | W | U | X), 0x5003, 0x87f8_0000_0000_0ffc);
 }
 
 #[test]
@@ -256,8 +274,9 @@ fn prot_none_golden() {
     golden(prot_none(0x20_0000, R | W | D | G), 1, 0x2068_0000_0020_0000);
     golden(prot_none(0x4000_0000, R | U | X), 2, 0x2020_0000_4000_08c0);
     golden_in::<A52>(prot_none(0x000c_0000_4000_0000, R), 2, 0x2060_0000_4000_0b80);
-    // Bit 1 (page/block) is ignored.
-    assert_eq!(A48::decode(0x2060_0000_0000_7840, 0), prot_none(0x7000, R | W | U));
+    // Bit 1 must be as encode writes it (page at level 0, block above).
+    assert_eq!(A48::decode(0x2060_0000_0000_7840, 0), PteView::Invalid(0x2060_0000_0000_7840));
+    assert_eq!(A52::decode(0x2020_0000_4000_08c2, 2), PteView::Invalid(0x2020_0000_4000_08c2));
     rejects::<A48>(prot_none(0, R), 3);
     rejects::<A48>(prot_none(0x20_1000, R), 1);
     rejects::<A48>(prot_none(0x0001_0000_0000_0000, R), 0);
@@ -335,6 +354,93 @@ fn software_entries_only_at_leaf_levels() {
     }
     assert_eq!(A48::decode(0x4000_0000_0002_468a, 3), PteView::Invalid(0x4000_0000_0002_468a));
     assert_eq!(A52::decode(0x2060_0000_0000_7842, 4), PteView::Invalid(0x2060_0000_0000_7842));
+}
+
+// ---------------------------------------------------------------- opaque bits
+
+#[test]
+fn directory_grants_everything() {
+    assert_eq!(A48::DIRECTORY, R | W | U | X);
+    assert_eq!(A52::DIRECTORY, R | W | U | X);
+    assert_eq!(A48::directory(0x0000_ffff_ffff_f000, 3), Ok(0x0000_ffff_ffff_f003));
+    assert_eq!(A52::directory(0x000f_ffff_ffff_f000, 4), Ok(0x0003_ffff_ffff_f303));
+    assert_eq!(A48::directory(0x5800, 1), Err(Error::Unencodable));
+}
+
+#[test]
+fn opaque_bits_of_software_entries() {
+    // Swap and Other carry every bit.
+    assert_eq!(A48::opaque_bits(0x4000_0000_0002_468a, 0), 0);
+    assert_eq!(A48::opaque_bits(0x0060_0000_1234_5f42, 0), 0);
+    // Migration: spare bits 58..=60, the owner field, frame bits below a
+    // block's span (a 2 MiB frame keeps 9 low frame bits at 18..=26).
+    let migration = 0x6000_0002_af34_0002;
+    assert_eq!(A48::opaque_bits(migration, 0), 0x1c00_0000_0003_fffc);
+    assert_eq!(A48::opaque_bits(migration, 1), 0x1c00_0000_07ff_fffc);
+    let noisy = migration | 0x1000_0000_0000_1234 | 1 << 20;
+    assert_eq!(A48::decode(noisy, 1), special(SpecialEntry::Migration { frame: 0x0aa0_0000, write: true }));
+    // Device entries keep their owner.
+    assert_eq!(A52::opaque_bits(0x8000_0000_0007_fffc, 0), 0x1c00_0000_0000_0000);
+    // PROT_NONE: as a leaf, minus the kind field.
+    assert_eq!(A48::opaque_bits(0x2060_0000_0000_7842, 0), 0x1f14_0000_0000_033c);
+    // Absent, Invalid and levels past the root: nothing.
+    assert_eq!(A48::opaque_bits(0, 0), 0);
+    assert_eq!(A48::opaque_bits(0x0020_0000_1234_5c41, 0), 0);
+    assert_eq!(A48::opaque_bits(0x5003, 4), 0);
+}
+
+#[test]
+fn opaque_bits_of_blocks() {
+    // Frame bits below the span are opaque: 12..=20 for 2 MiB, 12..=29 for 1 GiB.
+    let block = 0x0020_0000_4020_0c41;
+    assert_eq!(A48::opaque_bits(block, 1) & 0xffff_f000, 0x001f_f000);
+    assert_eq!(A48::opaque_bits(0x0060_0000_c000_0081, 2) & 0xffff_f000, 0x3fff_f000);
+    assert_eq!(A48::opaque_bits(0x0060_0000_0000_1883, 0) & 0xffff_f000, 0);
+}
+
+/// The kernel's rewrite, `(encode(view) & !o) | (raw & o)`, keeps Linux's
+/// memory type and shareability and does not undo the change it makes.
+#[test]
+fn rewrite_keeps_attributes_and_the_change() {
+    fn rewrite<F: PteFormat>(raw: u64, level: usize, f: impl Fn(LeafFlags) -> LeafFlags) -> u64 {
+        let o = F::opaque_bits(raw, level);
+        let PteView::Leaf { frame, flags } = F::decode(raw, level) else { panic!("{raw:#x} is not a leaf") };
+        (F::encode(&leaf(frame, f(flags)), level).unwrap() & !o) | (raw & o)
+    }
+    // A Linux dirty user page with AttrIndx 1 (0x4): clean it, then make it
+    // old, then write-protect it.
+    let dirty = 0x00e8_0000_1234_5f47;
+    let cleaned = rewrite::<A48>(dirty, 0, |f| f - D);
+    // SW dirty stays (it is the kernel's), so the page still reads dirty:
+    // a rewrite never loses dirtiness.
+    assert_eq!(A48::decode(cleaned, 0), leaf(0x1234_5000, R | W | U | A | D));
+    // Our own dirty page cleans: DBM is not opaque on a writable page.
+    let ours = 0x0068_0000_1234_5f47;
+    let cleaned = rewrite::<A48>(ours, 0, |f| f - D);
+    assert_eq!(cleaned, 0x0060_0000_1234_5f47);
+    assert_eq!(A48::decode(cleaned, 0), leaf(0x1234_5000, R | W | U | A));
+    let old = rewrite::<A48>(cleaned, 0, |f| f - A);
+    assert_eq!(old, 0x0060_0000_1234_5b47);
+    let ro = rewrite::<A48>(old, 0, |f| f - W);
+    assert_eq!(A48::decode(ro, 0), leaf(0x1234_5000, R | U));
+    assert_eq!(ro & 0x3ff, 0x3c7, "AttrIndx and SH kept, AP[2] set");
+    // Read-only and clean, made writable and dirty: a clear DBM on a
+    // read-only leaf is not opaque, so the DBM that encode writes lands.
+    let wd = rewrite::<A48>(ro, 0, |f| f | W | D);
+    assert_eq!(A48::decode(wd, 0), leaf(0x1234_5000, R | W | U | D));
+    // Making a directory executable after the fact clears both XN bits.
+    let dir = 0x1000_0000_0000_5003; // Linux kernel table: UXNTable only
+    let o = A48::opaque_bits(dir, 1);
+    let e = A48::encode(&table(0x5000, R | W | U | X), 1).unwrap();
+    assert_eq!(A48::decode((e & !o) | (dir & o), 1), table(0x5000, R | W | U | X));
+}
+
+#[test]
+fn publish_table_writes_returns() {
+    // On the host this is the fallback fence; the aarch64 `dsb st` is built
+    // by `cargo build --lib --target aarch64-unknown-none`.
+    A48::publish_table_writes();
+    A52::publish_table_writes();
 }
 
 // ---------------------------------------------------------------- geometry
@@ -466,14 +572,14 @@ fn check_round_trip<F: PteFormat>(level: usize, view: PteView) -> Result<(), Tes
     prop_assert!(raw.is_ok(), "{:?} at level {} rejected: {:?}", view, level, raw);
     let raw = raw.unwrap();
     prop_assert_eq!(F::decode(raw, level), view, "encoded as {:#x}", raw);
+    prop_assert_eq!(raw & F::opaque_bits(raw, level), 0, "encode set opaque bits of {:#x}", raw);
     prop_assert_eq!(raw == 0, view == PteView::Absent);
     // Valid bit exactly for tables and leaves.
     prop_assert_eq!(raw & 1 != 0, matches!(view, PteView::Table { .. } | PteView::Leaf { .. }));
     Ok(())
 }
 
-/// Contract items 2-4 for an arbitrary raw word; item 8's opaque-bit check
-/// is in `decode_then_encode`.
+/// Contract items 2, 3 and 8 for an arbitrary raw word.
 fn check_decode<F: PteFormat>(raw: u64, level: usize) -> Result<(), TestCaseError> {
     let view = F::decode(raw, level);
     prop_assert_eq!(raw == 0, view == PteView::Absent);
@@ -490,6 +596,10 @@ fn check_decode<F: PteFormat>(raw: u64, level: usize) -> Result<(), TestCaseErro
         Ok(raw2) => {
             prop_assert!(!matches!(view, PteView::Invalid(_)));
             prop_assert_eq!(F::decode(raw2, level), view, "{:#x} -> {:?} -> {:#x}", raw, view, raw2);
+            let o = F::opaque_bits(raw, level);
+            prop_assert_eq!((raw ^ raw2) & !o, 0, "{:#x} -> {:?} -> {:#x}, opaque {:#x}", raw, view, raw2, o);
+            // Merging the opaque bits back gives the original entry.
+            prop_assert_eq!((raw2 & !o) | (raw & o), raw);
         }
         Err(e) => {
             prop_assert_eq!(e, Error::Unencodable);
@@ -521,7 +631,7 @@ proptest! {
     }
 
     #[test]
-    fn decode_encode_is_stable(raw in interesting_raw(), level in 0usize..6) {
+    fn decode_then_encode_keeps_all_but_opaque_bits(raw in interesting_raw(), level in 0usize..6) {
         check_decode::<A48>(raw, level)?;
         check_decode::<A52>(raw, level)?;
     }
@@ -543,6 +653,23 @@ proptest! {
             check::<A48>(raw)?;
             check::<A52>(raw)?;
         }
+    }
+
+    /// Contract item 7: `directory()` links any 4 KiB frame below the OA
+    /// limit at every table level, as a plain `Table { frame, DIRECTORY }`.
+    #[test]
+    fn directory_decodes_as_plain_table(f48 in frame(12, 48), f52 in frame(12, 52)) {
+        for level in 1..4 {
+            let raw = A48::directory(f48, level).unwrap();
+            prop_assert_eq!(raw, f48 | 3);
+            prop_assert_eq!(A48::decode(raw, level), table(f48, A48::DIRECTORY));
+        }
+        for level in 1..5 {
+            let raw = A52::directory(f52, level).unwrap();
+            prop_assert_eq!(A52::decode(raw, level), table(f52, A52::DIRECTORY));
+            prop_assert_eq!(A52::opaque_bits(raw, level), 0x07f8_0000_0000_0cfc | 1 << 63);
+        }
+        prop_assert!(A48::directory(f48, 0).is_err() && A48::directory(f48, 4).is_err());
     }
 
     #[test]

@@ -29,12 +29,15 @@
 //! bit 55. A writable-clean leaf (AP\[2\] = 1, DBM = 1) is reported read-only:
 //! fewer permissions are safe, and a device write faults to the kernel, which
 //! marks the page dirty. EL0 execute-only leaves (AP\[1\] = 0, UXN = 0) read
-//! as kernel leaves: the EL0 execute permission is not reported. AttrIndx
-//! (2..=4), NS (5), SH (8..=9, 48-bit), GP (50), Contiguous (52), software
-//! bits 56..=58, PBHA (59..=62) and bit 63 are ignored; encode writes them as
-//! 0 (AttrIndx 0: the kernel keeps its memory type through
-//! [`opaque_bits`](PteFormat::opaque_bits)). With `SCTLR_EL1.WXN = 1`
-//! writable leaves are also execute-never, which EXEC does not reflect.
+//! as kernel leaves: the EL0 execute permission is not reported. An AF-clear
+//! leaf keeps its permissions with ACCESSED clear: without hardware AF
+//! management its first access takes an Access flag fault, which the kernel
+//! resolves by setting AF. With `SCTLR_EL1.WXN = 1` writable leaves are also
+//! execute-never, which EXEC does not reflect. AttrIndx (2..=4), NS (5), SH
+//! (8..=9, 48-bit), GP (50), Contiguous (52), software bits 56..=58, PBHA
+//! (59..=62) and bit 63 are ignored; encode writes them as 0 (AttrIndx 0:
+//! the kernel keeps its memory type through
+//! [`opaque_bits`](PteFormat::opaque_bits)).
 //!
 //! Tables: USER = !APTable\[0\] (61), WRITE = !APTable\[1\] (62), EXEC only
 //! if UXNTable (60), PXNTable (59) and APTable\[0\] are all clear: the view has
@@ -49,7 +52,7 @@
 //! | kind | meaning | payload |
 //! |---|---|---|
 //! | 0, 6, 7 | kernel-defined, not interpreted | whole raw value ([`SpecialEntry::Other`]) |
-//! | 1 | PROT_NONE | the leaf's encoding with bit 0 clear (bit 1 ignored) |
+//! | 1 | PROT_NONE | the leaf's encoding with bit 0 clear (bit 1 set at level 0 only, else malformed) |
 //! | 2 | swap | offset in bits 1..=60 ([`SWAP_OFFSET_BITS`]) |
 //! | 3 | migration | write 1, frame >> 12 in 18..=57 |
 //! | 4 | device-private | write 1, owner 2..=17 (full `u16`), frame >> 12 in 18..=57 |
@@ -60,11 +63,15 @@
 //! frame bits below a block's span are ignored.
 //!
 //! # Rewriting entries
-//! `opaque_bits` lists what decode ignores, with two refinements so that
-//! `(e & !o) | (raw & o)` never undoes a change: DBM is opaque on a
-//! read-only leaf only when set (a kernel write-protecting a page must clear
-//! it itself, as Linux's `pte_wrprotect` does), and a directory's XN bits
-//! are opaque only when clear and the directory is not executable.
+//! `opaque_bits` holds what decode ignores and encode leaves 0. Where encode
+//! does write an ignored bit (the other privilege's XN, a non-executable
+//! directory's XN bits: 1; DBM on read-only leaves, bit 55 on writable ones:
+//! 0), the bit is opaque only where `raw` holds the other value, so
+//! `(e & !o) | (raw & o)` keeps what the kernel had without undoing a change
+//! it asks for. One exception: DBM on a read-only leaf survives, so a kernel
+//! write-protecting a writable-clean page clears DBM itself (as Linux's
+//! `pte_wrprotect` does). The merge is meant for rewrites of the same kind of
+//! entry: a leaf's opaque bits overlap the software kind field.
 
 use super::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry, MAX_LEVELS};
 use crate::{Error, Result};
@@ -129,6 +136,7 @@ const OWNER_BITS: u64 = (MAX_OWNER as u64) << OWNER_SHIFT;
 /// `frame >> 12` sits at bit 18: the frame is the field shifted right by 6.
 const SOFT_FRAME: u64 = ((1 << 40) - 1) << 18;
 const SOFT_SPARE: u64 = 0b111 << 58;
+const KIND_MASK: u64 = 0b111 << KIND_SHIFT;
 
 #[inline]
 fn span_mask(level: usize) -> u64 {
@@ -181,11 +189,12 @@ fn flags_to_raw(f: LeafFlags) -> Result<u64> {
     Ok(raw)
 }
 
-/// Bits of a leaf's flag fields that `flags_from_raw` does not read in `raw`
-/// and `flags_to_raw` may write differently (see "Rewriting entries").
+/// The flag-field bits of a leaf (or PROT_NONE) `raw` that decode ignores
+/// and `flags_to_raw` writes with the other value (see "Rewriting entries").
 #[inline]
 fn flag_opaque(raw: u64) -> u64 {
-    let mut o = if raw & AP_USER != 0 { PXN } else { UXN };
+    let other_xn = if raw & AP_USER != 0 { PXN } else { UXN };
+    let mut o = !raw & other_xn;
     if raw & AP_RO != 0 {
         o |= raw & DBM;
     } else if raw & SW_DIRTY != 0 {
@@ -207,12 +216,11 @@ fn table_flags(raw: u64) -> LeafFlags {
 impl<const LPA2: bool> Aarch64<LPA2> {
     /// Width of an output (physical) address: 48, or 52 with LPA2.
     pub const OA_BITS: u32 = if LPA2 { 52 } else { 48 };
-    /// Descriptor bits holding the output address.
-    const ADDR_FIELD: u64 = if LPA2 { 0x0003_ffff_ffff_f300 } else { 0x0000_ffff_ffff_f000 };
     const LEAF_RES0: u64 = if LPA2 { 0 } else { 0b11 << 48 };
     const TABLE_RES0: u64 = if LPA2 { 1 << 50 } else { 0b111 << 48 };
     /// SH is ignored in 48-bit leaves; with LPA2 bits 8..=9 are address bits.
     const LEAF_IGNORED: u64 = if LPA2 { LEAF_IGNORED } else { LEAF_IGNORED | 0b11 << 8 };
+    const TABLE_IGNORED: u64 = if LPA2 { TABLE_IGNORED & !0x300 } else { TABLE_IGNORED };
 
     #[inline]
     fn addr_from_raw(raw: u64) -> u64 {
@@ -253,7 +261,8 @@ impl<const LPA2: bool> Aarch64<LPA2> {
         }
         let k = raw >> KIND_SHIFT;
         if k == KIND_PROT_NONE {
-            if raw & Self::LEAF_RES0 != 0 {
+            // Bit 1 as encode writes it: page at level 0, block above.
+            if raw & Self::LEAF_RES0 != 0 || (raw & TYPE != 0) != (level == 0) {
                 return PteView::Invalid(raw);
             }
             let frame = Self::addr_from_raw(raw) & !span_mask(level);
@@ -309,20 +318,26 @@ impl<const LPA2: bool> Aarch64<LPA2> {
 
 // SAFETY: (1) 0 decodes to Absent and Absent encodes to 0. (2) Table only at
 // levels 1.. with bits 1:0 = 0b11 and clear RES0 bits, with the address the
-// MMU reads (including OA[51:50] in bits 9:8 with LPA2). (3) Leaf only at
-// levels 0-2 (bits 1:0 = 0b11 at 0, 0b01 at 1-2, Arm's page and block
-// descriptors), frame masked to the level's span; the flags read the bits the
-// MMU checks for the privilege USER names, and may report fewer permissions
-// (writable-clean DBM, EL0 execute-only, AF clear) but never more; the
-// directory flags only remove what APTable/XNTable remove (EXEC also when
-// any of UXNTable, PXNTable, APTable[0] is set). Non-valid entries are never
-// Table or Leaf. (4) encode writes exactly the fields decode reads back
-// (tests/aarch64_encoding.rs checks every view kind and level). (5) Pure.
-// (6) user_page accepts exactly valid level-0 page descriptors with AP[1]
-// and clear RES0 bits, which decode reads as READ | USER leaves with the
-// same frame and WRITE = !AP[2] (proptest).
+// MMU reads (OA[51:50] from bits 9:8 with LPA2). (3) Leaf only at levels 0-2
+// (bits 1:0 = 0b11 at 0, 0b01 at 1-2: Arm's page and block descriptors),
+// frame masked to the level's span; the flags read the bits the MMU checks
+// for the privilege USER names and may report fewer permissions (writable-
+// clean DBM, EL0 execute-only) but never more; directory flags remove what
+// APTable/XNTable remove, EXEC whenever any of UXNTable, PXNTable,
+// APTable[0] is set. Non-valid entries are never Table or Leaf. (4) encode
+// writes exactly the fields decode reads. (5) Pure. (6) user_page accepts
+// exactly valid level-0 page descriptors with AP[1] and clear RES0 bits,
+// which decode reads as READ | USER leaves with that frame and WRITE =
+// !AP[2]. (7) directory() is valid | table | frame, accepted at 1..LEVELS
+// for 4 KiB frames below 2^48 (or 2^52). (8) encode(decode(raw)) differs
+// from raw only in bits opaque_bits names (ignored fields, frame bits below
+// a block's span, and the DBM/XN/SW-dirty bits the view cannot tell apart),
+// and Invalid never encodes. (9) publish_table_writes issues `dsb st` on
+// aarch64. tests/aarch64_encoding.rs checks 1-8 by golden values and proptests.
 unsafe impl<const LPA2: bool> PteFormat for Aarch64<LPA2> {
     type Geometry = Self;
+    /// No APTable or XNTable restriction.
+    const DIRECTORY: LeafFlags = LeafFlags::READ.union(LeafFlags::WRITE).union(LeafFlags::USER).union(LeafFlags::EXEC);
 
     #[inline]
     fn decode(raw: u64, level: usize) -> PteView {
@@ -369,6 +384,42 @@ unsafe impl<const LPA2: bool> PteFormat for Aarch64<LPA2> {
             // Specials above the block levels; malformed entries.
             PteView::Special(_) | PteView::Invalid(_) => Err(Error::Unencodable),
         }
+    }
+
+    fn opaque_bits(raw: u64, level: usize) -> u64 {
+        let below_span = span_mask(level.min(2)) & !0xfff;
+        match Self::decode(raw, level) {
+            PteView::Table { .. } => {
+                let no_exec = raw & (UXN_TABLE | PXN_TABLE | AP_TABLE_NO_EL0) != 0;
+                Self::TABLE_IGNORED | if no_exec { !raw & (UXN_TABLE | PXN_TABLE) } else { 0 }
+            }
+            PteView::Leaf { .. } => Self::LEAF_IGNORED | flag_opaque(raw) | below_span,
+            PteView::ProtNone { .. } => (Self::LEAF_IGNORED & !KIND_MASK) | flag_opaque(raw) | below_span,
+            PteView::Special(SpecialEntry::Migration { .. }) => SOFT_SPARE | OWNER_BITS | below_span << 6,
+            PteView::Special(SpecialEntry::DevicePrivate { .. } | SpecialEntry::DeviceExclusive { .. }) => {
+                SOFT_SPARE | below_span << 6
+            }
+            _ => 0,
+        }
+    }
+
+    /// `dsb st`: completes this CPU's earlier stores for the full system, not
+    /// only the inner-shareable domain (`ishst`) the other CPUs' walkers sit
+    /// in, since an SMMU or device may walk outside it, and a DSB rather than
+    /// a DMB because the notice may be an interrupt (a GIC system-register
+    /// write), which a DMB does not order. Non-coherent walkers also need
+    /// the lines cleaned to the point of coherency, which stays the caller's.
+    #[inline]
+    fn publish_table_writes() {
+        // SAFETY: `dsb st` only waits for this CPU's earlier stores to
+        // complete; it touches no register or memory the program sees (no
+        // `nomem`, so it is also a compiler barrier for memory).
+        #[cfg(target_arch = "aarch64")]
+        unsafe {
+            core::arch::asm!("dsb st", options(nostack, preserves_flags))
+        };
+        #[cfg(not(target_arch = "aarch64"))]
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
     }
 
     /// Valid, page, AP\[1\]: a user page (RES0 bits clear); writable iff
