@@ -188,5 +188,5 @@ every_format!(x86_64_level5, hmm_core::arch::x86_64::X86_64Level5);
 every_format!(riscv64_sv39, hmm_core::arch::riscv64::Sv39);
 every_format!(riscv64_sv48, hmm_core::arch::riscv64::Sv48);
 every_format!(riscv64_sv57, hmm_core::arch::riscv64::Sv57);
-// every_format!(aarch64_va48, hmm_core::arch::aarch64::Aarch64Va48);
-// every_format!(aarch64_va52, hmm_core::arch::aarch64::Aarch64Va52);
+every_format!(aarch64_va48, hmm_core::arch::aarch64::Aarch64Va48);
+every_format!(aarch64_va52, hmm_core::arch::aarch64::Aarch64Va52);

@@ -155,3 +155,5 @@ contract!(soft_level4, hmm_core::arch::soft::SoftFormat<hmm_core::arch::x86_64::
 contract!(sv39, hmm_core::arch::riscv64::Sv39);
 contract!(sv48, hmm_core::arch::riscv64::Sv48);
 contract!(sv57, hmm_core::arch::riscv64::Sv57);
+contract!(aarch64_va48, hmm_core::arch::aarch64::Aarch64Va48);
+contract!(aarch64_va52, hmm_core::arch::aarch64::Aarch64Va52);

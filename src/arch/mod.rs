@@ -8,6 +8,7 @@
 //! Levels are numbered from the bottom: level 0 holds 4 KiB (page-sized)
 //! leaves, level `LEVELS - 1` is the root table.
 
+pub mod aarch64;
 pub mod riscv64;
 pub mod soft;
 pub mod x86_64;
