@@ -80,6 +80,7 @@ use static_assertions::const_assert;
 /// VMSAv8-64 stage 1, 4 KiB granule; `LPA2 = false` is 48-bit, `true` is
 /// FEAT_LPA2 52-bit.
 #[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Aarch64<const LPA2: bool>;
 
 /// 4 levels, 48-bit virtual and physical addresses.
