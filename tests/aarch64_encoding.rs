@@ -3,6 +3,9 @@
 //! (and as Linux arm64 fills them), the rejections, malformed entries, and
 //! property tests of both round trips and `user_page`.
 
+mod encoding_kit;
+
+use encoding_kit::*;
 use hmm_core::arch::aarch64::{Aarch64Va48, Aarch64Va52, MAX_OWNER, SWAP_OFFSET_BITS};
 use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry};
 use hmm_core::Error;
@@ -10,35 +13,6 @@ use proptest::prelude::*;
 
 type A48 = Aarch64Va48;
 type A52 = Aarch64Va52;
-
-const R: LeafFlags = LeafFlags::READ;
-const W: LeafFlags = LeafFlags::WRITE;
-const X: LeafFlags = LeafFlags::EXEC;
-const U: LeafFlags = LeafFlags::USER;
-const A: LeafFlags = LeafFlags::ACCESSED;
-const D: LeafFlags = LeafFlags::DIRTY;
-const G: LeafFlags = LeafFlags::GLOBAL;
-
-fn leaf(frame: u64, flags: LeafFlags) -> PteView {
-    PteView::Leaf { frame, flags }
-}
-fn table(frame: u64, flags: LeafFlags) -> PteView {
-    PteView::Table { frame, flags }
-}
-fn prot_none(frame: u64, flags: LeafFlags) -> PteView {
-    PteView::ProtNone { frame, flags }
-}
-fn special(s: SpecialEntry) -> PteView {
-    PteView::Special(s)
-}
-
-/// `encode(view) == raw` and `decode(raw) == view` for one format.
-#[track_caller]
-fn golden_in<F: PteFormat>(view: PteView, level: usize, raw: u64) {
-    let name = core::any::type_name::<F>();
-    assert_eq!(F::encode(&view, level), Ok(raw), "{name} encode {view:?} at level {level}");
-    assert_eq!(F::decode(raw, level), view, "{name} decode {raw:#x} at level {level}");
-}
 
 /// Both formats (the raw value has no address bits at 8..=9 or 48..=51).
 #[track_caller]
@@ -68,11 +42,6 @@ fn foreign<F: PteFormat>(raw: u64, level: usize, view: PteView, canonical: u64, 
 const LEAF_ATTRS: u64 = 0xff14_0000_0000_003c;
 /// ... and SH in the 48-bit format.
 const SH: u64 = 0x300;
-
-#[track_caller]
-fn rejects<F: PteFormat>(view: PteView, level: usize) {
-    assert_eq!(F::encode(&view, level), Err(Error::Unencodable), "{view:?} at level {level} must be unencodable");
-}
 
 // ---------------------------------------------------------------- absent
 

@@ -4,29 +4,19 @@
 //! 61..=62, N 63) and the module's software-entry table, then property tests
 //! of the round trips, `user_page` and the geometry.
 
+mod encoding_kit;
+
+use encoding_kit::*;
 use hmm_core::arch::riscv64::{Sv39, Sv48, Sv57, MAX_OWNER, PHYS_ADDR_BITS, SWAP_OFFSET_BITS};
 use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry};
 use hmm_core::Error;
 use proptest::prelude::*;
 
-const R: LeafFlags = LeafFlags::READ;
-const W: LeafFlags = LeafFlags::WRITE;
-const X: LeafFlags = LeafFlags::EXEC;
-const U: LeafFlags = LeafFlags::USER;
-const A: LeafFlags = LeafFlags::ACCESSED;
-const D: LeafFlags = LeafFlags::DIRTY;
-const G: LeafFlags = LeafFlags::GLOBAL;
 /// What a RISC-V directory grants: everything (it has no permission bits).
 const DIRECTORY: LeafFlags = R.union(W).union(X).union(U);
 
-fn leaf(frame: u64, flags: LeafFlags) -> PteView {
-    PteView::Leaf { frame, flags }
-}
 fn table(frame: u64) -> PteView {
     PteView::Table { frame, flags: DIRECTORY }
-}
-fn special(s: SpecialEntry) -> PteView {
-    PteView::Special(s)
 }
 
 fn levels<F: PteFormat>() -> usize {
@@ -81,11 +71,6 @@ fn invalid(raw: u64, level: usize) {
     assert_eq!(Sv39::decode(raw, level), PteView::Invalid(raw), "Sv39 {raw:#x} at level {level}");
     assert_eq!(Sv48::decode(raw, level), PteView::Invalid(raw), "Sv48 {raw:#x} at level {level}");
     assert_eq!(Sv57::decode(raw, level), PteView::Invalid(raw), "Sv57 {raw:#x} at level {level}");
-}
-
-#[track_caller]
-fn rejects<F: PteFormat>(view: PteView, level: usize) {
-    assert_eq!(F::encode(&view, level), Err(Error::Unencodable), "{view:?} at level {level} must be unencodable");
 }
 
 #[track_caller]
