@@ -251,12 +251,11 @@ impl Process {
             PteView::Leaf { frame, .. } => frame,
             _ => return Err(Error::Fault),
         };
-        drop(pt);
         // Copy-on-write: a new frame with the old contents replaces the old.
-        // SAFETY: `old` stays allocated: it is freed only under an
-        // invalidation of this page, and those run with the mmap lock held
-        // for writing, which the caller holds the read side of.
+        // SAFETY: `old` stays allocated while the page-table lock is held:
+        // it is freed only by whoever replaces this entry, under that lock.
         let new = unsafe { memory::alloc_copy(self.frames, old) }.ok_or(Error::NoMemory)?;
+        drop(pt);
         let inv = self.notifiers.invalidate_range_start(range(va, PAGE), Event::ProtectionPage, true)?;
         bump(&self.stats.invalidations);
         let swapped = {
