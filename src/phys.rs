@@ -28,6 +28,7 @@ pub unsafe trait PhysMem {
 /// Access to every frame through a fixed virtual offset (`va = pa + offset`),
 /// the usual choice of a 64-bit kernel that maps all RAM.
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct OffsetPhysMem {
     offset: u64,
 }

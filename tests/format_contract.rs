@@ -152,3 +152,8 @@ macro_rules! contract {
 contract!(x86_64_level4, hmm_core::arch::x86_64::X86_64Level4);
 contract!(x86_64_level5, hmm_core::arch::x86_64::X86_64Level5);
 contract!(soft_level4, hmm_core::arch::soft::SoftFormat<hmm_core::arch::x86_64::X86_64Level4>);
+contract!(sv39, hmm_core::arch::riscv64::Sv39);
+contract!(sv48, hmm_core::arch::riscv64::Sv48);
+contract!(sv57, hmm_core::arch::riscv64::Sv57);
+contract!(aarch64_va48, hmm_core::arch::aarch64::Aarch64Va48);
+contract!(aarch64_va52, hmm_core::arch::aarch64::Aarch64Va52);

@@ -605,3 +605,45 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------- through the walker
+
+/// An execute-only user page (X and U without R) is not a page a device may
+/// read: a snapshot reports it as an error, while the readable page next to
+/// it is valid (on both the per-page fast path and the general decode).
+#[test]
+fn execute_only_user_page_is_an_error_in_a_snapshot() {
+    use hmm_core::pt::{snapshot, Pfn};
+    use hmm_core::VaRange;
+    let phys = hmm_testkit::SimPhys::with_base(0x1000, 8 * 4096);
+    let (root, mid, leaves) = (0x1000, 0x2000, 0x3000);
+    let va = 0x20_4020_3000u64; // in the lower (user) half of Sv39
+    let slot = |table: u64, level: usize| table + Sv39::index(va, level) as u64 * 8;
+    phys.write_u64(slot(root, 2), Sv39::directory(mid, 2).unwrap());
+    phys.write_u64(slot(mid, 1), Sv39::directory(leaves, 1).unwrap());
+    const V: u64 = 1;
+    const R: u64 = 1 << 1;
+    const X: u64 = 1 << 3;
+    const U: u64 = 1 << 4;
+    const A: u64 = 1 << 6;
+    let exec_only = V | X | U | A | (0x8_0000 << 10);
+    let readable = V | R | X | U | A | (0x8_0001 << 10);
+    phys.write_u64(slot(leaves, 0), exec_only);
+    phys.write_u64(slot(leaves, 0) + 8, readable);
+    assert_eq!(
+        Sv39::decode(exec_only, 0),
+        PteView::Leaf { frame: 0x8000_0000, flags: LeafFlags::EXEC | LeafFlags::USER | LeafFlags::ACCESSED }
+    );
+    let mut out = [Pfn::NONE; 2];
+    let range = VaRange::new::<Sv39>(va, 2 * 4096).unwrap();
+    // SAFETY: `root` is a live Sv39 root in `phys`, nothing changes it.
+    unsafe { snapshot::<Sv39, _>(&phys, root, range, &mut out) }.unwrap();
+    assert_eq!(out, [Pfn::ERROR_ENTRY, Pfn::valid(0x8000_1000, false, 0)]);
+    // The same for an execute-only megapage, which takes the huge-leaf path.
+    let mega = (va & !0x1f_ffff) + 0x20_0000;
+    phys.write_u64(mid + Sv39::index(mega, 1) as u64 * 8, V | X | U | A | (0x8_0200 << 10));
+    let mut out = [Pfn::NONE; 1];
+    // SAFETY: as above.
+    unsafe { snapshot::<Sv39, _>(&phys, root, VaRange::new::<Sv39>(mega + 0x5000, 4096).unwrap(), &mut out) }.unwrap();
+    assert_eq!(out, [Pfn::ERROR_ENTRY]);
+}

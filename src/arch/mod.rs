@@ -6,8 +6,54 @@
 //! [`PteFormat`] converts a raw 64-bit entry to and from a [`PteView`].
 //!
 //! Levels are numbered from the bottom: level 0 holds 4 KiB (page-sized)
-//! leaves, level `LEVELS - 1` is the root table.
+//! leaves, level `LEVELS - 1` is the root table. This module and its children
+//! are the only place that names an architecture: everything above reaches a
+//! format through these two traits.
+//!
+//! # Formats
+//!
+//! | format | levels | user addresses | leaves | frames | directories restrict |
+//! |---|---|---|---|---|---|
+//! | [`x86_64::X86_64Level4`] | 4 | `0 .. 2^47` (sign-extended from bit 47) | 4 KiB, 2 MiB, 1 GiB | `< 2^52` | W, U, NX |
+//! | [`x86_64::X86_64Level5`] | 5 | `0 .. 2^56` (sign-extended from bit 56) | 4 KiB, 2 MiB, 1 GiB | `< 2^52` | W, U, NX |
+//! | [`aarch64::Aarch64Va48`] | 4 | `0 .. 2^48` (TTBR0; not sign-extended) | 4 KiB, 2 MiB, 1 GiB | `< 2^48` | APTable, UXN/PXNTable |
+//! | [`aarch64::Aarch64Va52`] (FEAT_LPA2) | 5 | `0 .. 2^52` (TTBR0) | 4 KiB, 2 MiB, 1 GiB | `< 2^52` | APTable, UXN/PXNTable |
+//! | [`riscv64::Sv39`] | 3 | `0 .. 2^38` (sign-extended from bit 38) | every level (to 1 GiB) | `< 2^56` | none |
+//! | [`riscv64::Sv48`] | 4 | `0 .. 2^47` | every level (to 512 GiB) | `< 2^56` | none |
+//! | [`riscv64::Sv57`] | 5 | `0 .. 2^56` | every level (to 256 TiB) | `< 2^56` | none |
+//! | [`soft::SoftFormat<G>`](soft::SoftFormat) | `G`'s | `G`'s | where `G` allows | `< 2^52` | none (device format) |
+//!
+//! Build a directory entry with [`PteFormat::directory`], never by encoding
+//! permission flags: RISC-V directories have none.
+//!
+//! # Special (non-present) entries
+//!
+//! A CPU format encodes PROT_NONE and every [`SpecialEntry`] kind at each of
+//! its leaf levels (frames aligned to the level's span), in bits its
+//! architecture leaves to software; it refuses (`Error::Unencodable`) only
+//! values outside the ranges below. A kernel writes these entries; hmm-core
+//! only reads them ([`range_fault`](crate::range_fault) and the mirror treat
+//! them as "ask the kernel", or as the device's own page for a
+//! device-private entry of its owner). A device format need encode none.
+//!
+//! | format | PROT_NONE | swap offset | migration | device-private / -exclusive owner | kernel's own (`Other`) |
+//! |---|---|---|---|---|---|
+//! | x86_64 (both) | yes | 51 bits | yes | `0 ..= 2047` ([`x86_64::MAX_OWNER`]) | kinds 0, 6, 7 in bits 9..=11 |
+//! | aarch64 (both) | yes | 60 bits | yes | `0 ..= 65535` ([`aarch64::MAX_OWNER`]) | kinds 0, 6, 7 in bits 61..=63 |
+//! | riscv64 (all three) | yes | 52 bits | yes | `0 ..= 65535` ([`riscv64::MAX_OWNER`]) | kind 0 (RSW = 0) and class 3 |
+//! | [`soft::SoftFormat`] | no | no | no | no | no |
+//!
+//! Each format's module documents its exact bit layout.
+//!
+//! # Rewriting a raw entry
+//!
+//! `decode` keeps what the core needs; [`PteFormat::opaque_bits`] names the
+//! rest (memory type, shareability, hints, unused software bits), and
+//! decode-then-encode differs from the raw entry only there (contract item
+//! 8, checked per format by `tests/format_contract.rs`). Malformed entries
+//! ([`PteView::Invalid`]) are never re-encoded.
 
+pub mod aarch64;
 pub mod riscv64;
 pub mod soft;
 pub mod x86_64;
@@ -262,7 +308,9 @@ pub unsafe trait PteFormat {
     /// software bits outside the format's special-entry layout, frame bits
     /// below a huge leaf's span. A kernel that rewrites an entry from a view
     /// keeps them with `(encode(&view, l)? & !o) | (raw & o)`, where
-    /// `o = opaque_bits(raw, l)` (contract item 8).
+    /// `o = opaque_bits(raw, l)` (contract item 8), when the new view is of
+    /// the same kind as the old (a leaf's opaque bits may overlap the bits a
+    /// software entry uses for its kind).
     fn opaque_bits(raw: u64, level: usize) -> u64;
 
     /// The raw entry at `level` pointing at the next-level table at `frame`,

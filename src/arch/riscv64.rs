@@ -57,6 +57,7 @@ use static_assertions::const_assert;
 /// RISC-V paging with `LEVELS` levels (3 to 5); use [`Sv39`], [`Sv48`],
 /// [`Sv57`].
 #[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Riscv64<const LEVELS: usize>;
 
 /// Sv39: 3 levels, 39-bit virtual addresses.

@@ -25,6 +25,7 @@ use x86_64::structures::paging::PageTableFlags as Hw;
 
 /// x86_64 paging; `LA57 = false` is 4-level, `true` is 5-level.
 #[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct X86_64<const LA57: bool>;
 
 /// 4-level paging (48-bit virtual addresses).
@@ -57,7 +58,9 @@ const KIND_DEVICE_EXCLUSIVE: u64 = 5;
 const OWNER_SHIFT: u32 = 52;
 /// Largest owner id that fits bits 52..=62.
 pub const MAX_OWNER: u16 = (1 << 11) - 1;
-const SWAP_MASK: u64 = ((1u64 << 51) - 1) << 12;
+/// Width of a swap offset (bits 12..=62 of the entry).
+pub const SWAP_OFFSET_BITS: u32 = 51;
+const SWAP_MASK: u64 = ((1u64 << SWAP_OFFSET_BITS) - 1) << 12;
 
 const P: u64 = Hw::PRESENT.bits();
 const W: u64 = Hw::WRITABLE.bits();
@@ -185,7 +188,7 @@ fn encode_special(s: &SpecialEntry, level: usize) -> Result<u64> {
     let w = |write: bool| if write { W } else { 0 };
     Ok(match *s {
         SpecialEntry::Swap { offset } => {
-            if offset >> 51 != 0 {
+            if offset >> SWAP_OFFSET_BITS != 0 {
                 return Err(Error::Unencodable);
             }
             kind(KIND_SWAP) | (offset << 12)

@@ -9,9 +9,11 @@
 //! - Frames are filled with [`POISON`] when freed *and* when handed out (their
 //!   contents are unspecified by [`FrameAllocator`]), so a stale reader or a
 //!   caller that forgets to zero a table sees garbage, not plausible zeros.
-//!   The poison decodes, at every x86_64 directory level, as a huge leaf or a
-//!   malformed entry, never as a pointer to a next-level table, so a walk of
-//!   a poisoned table cannot wander off.
+//!   The poison decodes, at every directory level of the x86_64, aarch64 and
+//!   riscv64 formats, as a huge leaf or a malformed entry, never as a pointer
+//!   to a next-level table, so a walk of a poisoned table cannot wander off
+//!   (low bits 0b1110_1101: x86_64 present + huge; aarch64 descriptor type
+//!   0b01, a block or invalid, not 0b11; RISC-V W without R, reserved).
 //! - `fail_at` / `fail_after` / `fail_huge` inject exhaustion at exact points,
 //!   for "allocator ran dry in the middle of a fault" tests.
 //!
@@ -25,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Pattern written into frames the allocator hands out or takes back.
-pub const POISON: u64 = 0xDEAD_BEEF_DEAD_BEEF;
+pub const POISON: u64 = 0xDEAD_BEEF_DEAD_BEED;
 
 /// Order of a 2 MiB chunk (in 4 KiB frames).
 pub const ORDER_2M: u32 = 9;

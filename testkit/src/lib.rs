@@ -6,9 +6,12 @@
 //! - [`CountingAllocator`]: a [`hmm_core::FrameAllocator`] over it that counts
 //!   live frames, panics on double or foreign frees, poisons frames, hands out
 //!   naturally aligned 2 MiB / 1 GiB chunks, and fails on request.
-//! - [`ModelSpace`]: a process address space with real x86_64 4-level tables,
-//!   regions of every kind HMM distinguishes ([`RegionKind`]), a fault handler,
-//!   fork with copy-on-write, and mutations that notify devices exactly as
+//! - [`ModelSpace`]: a process address space with real page tables of any
+//!   CPU format (`ModelSpace<F>`, x86_64 4-level by default; sizes and the
+//!   user half come from the format's geometry), regions of every kind HMM
+//!   distinguishes ([`RegionKind`]), software entries (swap, migration,
+//!   device-private: [`ModelSpace::set_special`]), a fault handler, fork with
+//!   copy-on-write, and mutations that notify devices exactly as
 //!   [`hmm_core::AddressSpace`] requires. Implements that trait.
 //! - [`Oracle`]: the model's own record of what it maps, for checking both the
 //!   model's tables ([`ModelSpace::check_tables`]) and hmm-core's output
@@ -53,7 +56,7 @@ mod view;
 
 pub use alloc::{CountingAllocator, ORDER_1G, ORDER_2M, POISON};
 pub use file::SimFile;
-pub use oracle::{Backing, Oracle, OracleLeaf, OraclePage};
+pub use oracle::{Backing, Oracle, OracleLeaf, OraclePage, OracleSpecial};
 pub use phys::{SimPhys, HUGE_1G, HUGE_2M, PAGE};
 pub use space::{range, Hook, ModelReadGuard, ModelSpace, RegionKind};
 pub use view::TableView;

@@ -1,7 +1,7 @@
 //! The reference model: what the model kernel *means* to map, kept as a plain
 //! map beside the real page tables.
 //!
-//! Why: hmm-core reads the real x86_64 tables; a test needs an independent
+//! Why: hmm-core reads the real CPU tables; a test needs an independent
 //! statement of what those tables should say to judge it. The model kernel
 //! updates this map in the same step as every table write (under the same
 //! lock), and [`ModelSpace::check_tables`](crate::ModelSpace::check_tables)
@@ -9,6 +9,7 @@
 //! (snapshots, device mirrors) against [`Oracle::expected_pfns`], which is
 //! computed from this map alone, without touching a table.
 
+use hmm_core::arch::SpecialEntry;
 use hmm_core::pt::Pfn;
 use hmm_core::VaRange;
 use std::collections::BTreeMap;
@@ -55,16 +56,46 @@ pub struct OraclePage {
     pub leaf_va: u64,
 }
 
-/// The reference map: leaf virtual address -> leaf.
+/// A software (non-present) entry the model keeps, planted by
+/// [`ModelSpace::set_special`](crate::ModelSpace::set_special).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OracleSpecial {
+    /// What the entry says.
+    pub entry: SpecialEntry,
+    /// log2 of the entry's span in 4 KiB pages: 0, 9 or 18.
+    pub order: u32,
+}
+
+/// The reference map: leaf virtual address -> leaf, and entry virtual
+/// address -> software entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Oracle {
     leaves: BTreeMap<u64, OracleLeaf>,
+    specials: BTreeMap<u64, OracleSpecial>,
 }
 
 impl Oracle {
     /// Every leaf, by virtual address.
     pub fn leaves(&self) -> &BTreeMap<u64, OracleLeaf> {
         &self.leaves
+    }
+
+    /// Every software entry, by virtual address (not counted by
+    /// [`len`](Self::len); snapshots report them as not present).
+    pub fn specials(&self) -> &BTreeMap<u64, OracleSpecial> {
+        &self.specials
+    }
+
+    /// The software entry covering `va`, with the entry's address.
+    pub fn special_at(&self, va: u64) -> Option<(u64, OracleSpecial)> {
+        let (&at, &s) = self.specials.range(..=va).next_back()?;
+        (va - at < 4096u64 << s.order).then_some((at, s))
+    }
+
+    /// Every software entry overlapping `range`, in address order.
+    pub fn specials_in(&self, range: VaRange) -> Vec<(u64, OracleSpecial)> {
+        let first = self.special_at(range.start()).map_or(range.start(), |(at, _)| at);
+        self.specials.range(first..=range.last()).map(|(&at, &s)| (at, s)).collect()
     }
 
     /// Number of leaves.
@@ -124,7 +155,22 @@ impl Oracle {
 
     pub(crate) fn insert(&mut self, va: u64, leaf: OracleLeaf) {
         debug_assert!(self.leaf_at(va).is_none(), "oracle: {va:#x} already mapped");
+        debug_assert!(self.special_at(va).is_none(), "oracle: {va:#x} holds a software entry");
         self.leaves.insert(va, leaf);
+    }
+
+    pub(crate) fn insert_special(&mut self, va: u64, special: OracleSpecial) {
+        debug_assert!(self.leaf_at(va).is_none(), "oracle: {va:#x} already mapped");
+        debug_assert!(self.special_at(va).is_none(), "oracle: {va:#x} holds a software entry");
+        self.specials.insert(va, special);
+    }
+
+    pub(crate) fn remove_special(&mut self, va: u64) -> Option<OracleSpecial> {
+        self.specials.remove(&va)
+    }
+
+    pub(crate) fn special_mut(&mut self, va: u64) -> Option<&mut OracleSpecial> {
+        self.specials.get_mut(&va)
     }
 
     pub(crate) fn remove(&mut self, va: u64) -> Option<OracleLeaf> {
@@ -137,5 +183,6 @@ impl Oracle {
 
     pub(crate) fn clear(&mut self) {
         self.leaves.clear();
+        self.specials.clear();
     }
 }

@@ -6,28 +6,46 @@
 //! `TableView` holds only the simulated memory and the root's address.
 
 use crate::phys::SimPhys;
+use core::marker::PhantomData;
 use core::ops::ControlFlow;
 use hmm_core::arch::x86_64::X86_64Level4;
-use hmm_core::arch::PteView;
+use hmm_core::arch::{PteFormat, PteView};
 use hmm_core::pt::{Pfn, Span};
 use hmm_core::VaRange;
 use std::sync::Arc;
 
-/// Reads the tables rooted at one root in one [`SimPhys`].
+/// Reads the tables (in CPU format `F`) rooted at one root in one
+/// [`SimPhys`].
 ///
 /// Reads are atomic and need no lock. While the space lives and no table is
 /// being freed (tables are freed only by `map`'s pruning and by `release`),
 /// results are exact; otherwise they may describe freed (poisoned) tables,
 /// which is wrong but never unsound (see the `SAFETY` notes).
-#[derive(Clone, Debug)]
-pub struct TableView {
+pub struct TableView<F = X86_64Level4> {
     phys: Arc<SimPhys>,
     root: u64,
+    _format: PhantomData<fn() -> F>,
 }
 
-impl TableView {
+impl<F> Clone for TableView<F> {
+    fn clone(&self) -> Self {
+        Self { phys: self.phys.clone(), root: self.root, _format: PhantomData }
+    }
+}
+
+impl<F> core::fmt::Debug for TableView<F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("TableView").field("phys", &self.phys).field("root", &self.root).finish()
+    }
+}
+
+impl<F: PteFormat> TableView<F> {
     pub(crate) fn new(phys: Arc<SimPhys>, root: u64) -> Self {
-        Self { phys, root }
+        Self { phys, root, _format: PhantomData }
+    }
+
+    fn page(va: u64) -> VaRange {
+        VaRange::new::<F::Geometry>(va & !0xfff, 4096).unwrap_or_else(|e| panic!("bad page {va:#x}: {e}"))
     }
 
     /// Physical address of the root table.
@@ -42,7 +60,7 @@ impl TableView {
         // `Arc` keeps alive, `ptr` panics for any other address, and the walker reads entries atomically; a walk
         // through a freed table reads poison (decoded as leaves or malformed entries), never invalid memory.
         // SAFETY: the memory is valid as argued above; while the space lives, `root` is its live root.
-        unsafe { hmm_core::pt::snapshot::<X86_64Level4, SimPhys>(&self.phys, self.root, range, &mut out) }
+        unsafe { hmm_core::pt::snapshot::<F, SimPhys>(&self.phys, self.root, range, &mut out) }
             .expect("snapshot of a valid range");
         out
     }
@@ -56,7 +74,7 @@ impl TableView {
             ControlFlow::Continue(())
         };
         // SAFETY: as in `snapshot`.
-        let _ = unsafe { hmm_core::pt::walk::<X86_64Level4, SimPhys, _>(&self.phys, self.root, range, &mut visit) }
+        let _ = unsafe { hmm_core::pt::walk::<F, SimPhys, _>(&self.phys, self.root, range, &mut visit) }
             .expect("walk of a valid range");
         out
     }
@@ -64,7 +82,7 @@ impl TableView {
     /// The frame of the 4 KiB page at `va` and whether it is writable, if a
     /// user-accessible leaf maps it: what a user-mode access would use now.
     pub fn translate(&self, va: u64) -> Option<(u64, bool)> {
-        let p = self.snapshot(crate::range(va & !0xfff, 4096))[0];
+        let p = self.snapshot(Self::page(va))[0];
         p.is_valid().then(|| (p.phys(), p.is_write()))
     }
 
@@ -78,8 +96,7 @@ impl TableView {
 
     /// The entry mapping the page at `va` and its level (0 = 4 KiB).
     pub fn entry_at(&self, va: u64) -> (PteView, usize) {
-        let page = crate::range(va & !0xfff, 4096);
-        let (span, view) = self.entries(page)[0];
+        let (span, view) = self.entries(Self::page(va))[0];
         (view, span.level)
     }
 }

@@ -11,8 +11,9 @@
 use super::region::{Kind, Vma};
 use super::table::{self, leaf_flags, leaf_raw, order_level, order_size};
 use super::{ModelReadGuard, ModelSpace, Pt, Vm};
-use crate::oracle::{Backing, OracleLeaf};
+use crate::oracle::{Backing, OracleLeaf, OracleSpecial};
 use crate::phys::{HUGE_2M, PAGE};
+use hmm_core::arch::PteFormat;
 use hmm_core::{AddressSpace, Error, Event, FrameAllocator, RegionFlags, Result, VaRange};
 
 /// What one step of a page fault achieved.
@@ -23,13 +24,15 @@ enum Step {
     Again,
     /// The read-only leaf at (va, leaf) needs a private copy.
     Cow(u64, OracleLeaf),
+    /// The software entry at (va, entry) must be replaced by a page.
+    Resolve(u64, OracleSpecial),
 }
 
 /// A bound on retries of one page, so a model bug shows as a panic, not a
 /// hang.
 const MAX_STEPS: usize = 10_000;
 
-impl ModelSpace {
+impl<F: PteFormat> ModelSpace<F> {
     /// Faults in every page of `range` (`cpu`: a CPU access, which may touch
     /// IO regions and reports a write to a read-only region as `Perm`).
     pub(crate) fn fault_range(&self, vm: &Vm, range: VaRange, write: bool, cpu: bool) -> Result<()> {
@@ -64,12 +67,16 @@ impl ModelSpace {
                 Step::Done(end) => return Ok(end),
                 Step::Again => {}
                 Step::Cow(at, leaf) => self.cow(v, va, at, leaf)?,
+                Step::Resolve(at, sp) => self.resolve(v, at, sp)?,
             }
         }
         panic!("model: fault at {va:#x} did not settle");
     }
 
     fn fault_step(&self, pt: &mut Pt, v: &Vma, va: u64, write: bool) -> Result<Step> {
+        if let Some((at, sp)) = pt.oracle.special_at(va) {
+            return Ok(Step::Resolve(at, sp));
+        }
         let Some((at, leaf)) = pt.oracle.leaf_at(va) else {
             self.populate(pt, v, va, write)?;
             return Ok(Step::Again);
@@ -105,9 +112,9 @@ impl ModelSpace {
     /// Makes the read-only leaf at `at` writable in place (no invalidation:
     /// nobody can hold more permission than the entry gave).
     fn upgrade(&self, pt: &mut Pt, at: u64, leaf: OracleLeaf, exec: bool) {
-        let level = order_level(leaf.order);
-        let s = table::leaf_slot(self.phys_ref(), self.root, at, level);
-        s.store(self.phys_ref(), leaf_raw(leaf.frame, level, leaf_flags(true, exec), false));
+        let level = order_level::<F>(leaf.order);
+        let s = table::leaf_slot::<F>(self.phys_ref(), self.root, at, level);
+        s.store(self.phys_ref(), leaf_raw::<F>(leaf.frame, level, leaf_flags(true, exec), false));
         pt.oracle.get_mut(at).expect("leaf in the oracle").write = true;
     }
 
@@ -118,10 +125,10 @@ impl ModelSpace {
         let phys = self.phys_ref();
         let leaf = pt.oracle.remove(at).expect("split of an unknown leaf");
         assert_eq!(leaf.order, 9, "only 2 MiB leaves are split");
-        let s = table::leaf_slot(phys, self.root, at, 1);
+        let s = table::leaf_slot::<F>(phys, self.root, at, 1);
         phys.zero(t, PAGE);
-        table::fill_split(phys, t, s.raw);
-        s.store(phys, table::dir_raw(t));
+        table::fill_split::<F>(phys, t, s.raw);
+        s.store(phys, table::dir_raw::<F>(t, 1));
         for i in 0..512u64 {
             let sub = OracleLeaf { frame: leaf.frame + i * PAGE, order: 0, ..leaf };
             pt.oracle.insert(at + i * PAGE, sub);
@@ -137,7 +144,7 @@ impl ModelSpace {
     fn cow(&self, v: &Vma, va: u64, at: u64, leaf: OracleLeaf) -> Result<()> {
         let size = order_size(leaf.order);
         let new = self.machine.alloc_folio(leaf.order)?;
-        let inv = self.start_invalidation(super::range(at, size), Event::ProtectionPage);
+        let inv = self.start_invalidation(Self::range(at, size), Event::ProtectionPage);
         {
             let mut pt = self.pt_lock();
             if pt.oracle.leaf_at(va) == Some((at, leaf)) {
@@ -147,10 +154,10 @@ impl ModelSpace {
                 } else {
                     phys.copy(new, leaf.frame, size);
                 }
-                let level = order_level(leaf.order);
-                let s = table::leaf_slot(phys, self.root, at, level);
+                let level = order_level::<F>(leaf.order);
+                let s = table::leaf_slot::<F>(phys, self.root, at, level);
                 let exec = v.flags.contains(RegionFlags::EXEC);
-                s.store(phys, leaf_raw(new, level, leaf_flags(true, exec), false));
+                s.store(phys, leaf_raw::<F>(new, level, leaf_flags(true, exec), false));
                 pt.oracle.remove(at);
                 pt.oracle.insert(
                     at,
@@ -171,6 +178,47 @@ impl ModelSpace {
             } else {
                 // Someone else resolved it meanwhile.
                 self.machine.discard(new, leaf.order);
+            }
+        }
+        self.end_invalidation(inv);
+        Ok(())
+    }
+
+    /// Replaces the software entry `sp` at `at` by a fresh zeroed private
+    /// folio of the same size (swap-in, end of a migration, migration back
+    /// from a device: the model keeps no contents), bracketed by a `Clear`
+    /// invalidation of its span, since a device of the entry's owner may
+    /// mirror a device-private entry.
+    fn resolve(&self, v: &Vma, at: u64, sp: OracleSpecial) -> Result<()> {
+        let size = order_size(sp.order);
+        let new = self.machine.alloc_folio(sp.order)?;
+        let inv = self.start_invalidation(Self::range(at, size), Event::Clear);
+        {
+            let mut pt = self.pt_lock();
+            if pt.oracle.special_at(at) == Some((at, sp)) {
+                let phys = self.phys_ref();
+                phys.zero(new, size);
+                let level = order_level::<F>(sp.order);
+                let write = v.flags.contains(RegionFlags::WRITE);
+                let exec = v.flags.contains(RegionFlags::EXEC);
+                let s = table::leaf_slot::<F>(phys, self.root, at, level);
+                s.store(phys, leaf_raw::<F>(new, level, leaf_flags(write, exec), false));
+                pt.oracle.remove_special(at);
+                pt.oracle.insert(
+                    at,
+                    OracleLeaf {
+                        frame: new,
+                        order: sp.order,
+                        write,
+                        prot_none: false,
+                        zero: false,
+                        backing: Backing::Anon,
+                    },
+                );
+                self.flush_tlb();
+                self.machine.map_new(new, sp.order);
+            } else {
+                self.machine.discard(new, sp.order);
             }
         }
         self.end_invalidation(inv);
@@ -268,7 +316,7 @@ impl ModelSpace {
         if block < v.start || block + (HUGE_2M - 1) > v.last {
             return false;
         }
-        let s = table::find(self.phys_ref(), self.root, block, 1);
+        let s = table::find::<F>(self.phys_ref(), self.root, block, 1);
         s.raw == 0
     }
 
@@ -300,9 +348,9 @@ impl ModelSpace {
         exec: bool,
         make: impl FnOnce() -> Result<OracleLeaf>,
     ) -> Result<OracleLeaf> {
-        let level = order_level(order);
+        let level = order_level::<F>(order);
         let alloc = &*self.machine.alloc;
-        let prep = table::prepare(alloc, self.root, at, level)?;
+        let prep = table::prepare::<F>(alloc, self.root, at, level)?;
         if !prep.is_clear(level) {
             prep.abort(alloc);
             // A huge leaf or a kept table where this leaf should go.
@@ -317,8 +365,8 @@ impl ModelSpace {
         };
         debug_assert_eq!(leaf.order, order);
         let phys = self.phys_ref();
-        let s = prep.link(phys, at, level);
-        s.store(phys, leaf_raw(leaf.frame, level, leaf_flags(leaf.write, exec), leaf.prot_none));
+        let s = prep.link::<F>(phys, at, level);
+        s.store(phys, leaf_raw::<F>(leaf.frame, level, leaf_flags(leaf.write, exec), leaf.prot_none));
         pt.oracle.insert(at, leaf);
         Ok(leaf)
     }
@@ -342,7 +390,7 @@ impl ModelSpace {
 
     fn access(
         &self,
-        guard: &ModelReadGuard<'_>,
+        guard: &ModelReadGuard<'_, F>,
         va: u64,
         len: usize,
         write: bool,
@@ -352,7 +400,7 @@ impl ModelSpace {
         while done < len {
             let at = va.checked_add(done as u64).ok_or(Error::Fault)?;
             let n = ((PAGE - at % PAGE) as usize).min(len - done);
-            let page = super::range(at & !(PAGE - 1), PAGE);
+            let page = Self::range(at & !(PAGE - 1), PAGE);
             let mut ok = false;
             for _ in 0..MAX_STEPS {
                 self.fault_range(&guard.vm, page, write, true)?;

@@ -1,5 +1,5 @@
-//! The model kernel: one process address space with real x86_64 4-level
-//! tables in simulated memory, regions of every kind HMM cares about, a
+//! The model kernel: one process address space with real page tables of a
+//! CPU format `F` (x86_64 4-level by default) in simulated memory, regions of every kind HMM cares about, a
 //! fault handler, the kernel-side mutations that must notify devices, and an
 //! [`Oracle`] kept beside the tables.
 //!
@@ -12,17 +12,19 @@ mod region;
 mod table;
 
 pub use region::RegionKind;
+use table::user_end;
 
 use crate::alloc::CountingAllocator;
 use crate::file::SimFile;
-use crate::oracle::{Backing, Oracle, OraclePage};
+use crate::oracle::{Backing, Oracle, OraclePage, OracleSpecial};
 use crate::phys::{SimPhys, PAGE};
 use crate::view::TableView;
 use book::Machine;
+use core::marker::PhantomData;
 use core::ops::ControlFlow;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hmm_core::arch::x86_64::X86_64Level4;
-use hmm_core::arch::{LeafFlags, PteView};
+use hmm_core::arch::{LeafFlags, PteFormat, PteView};
 use hmm_core::notifier::{Invalidation, VecStore};
 use hmm_core::pt::{Pfn, Span};
 use hmm_core::sync::SpinWait;
@@ -62,9 +64,19 @@ struct Stats {
     invalidations: AtomicU64,
 }
 
-/// A model process address space: real x86_64 4-level tables in a
+/// A model process address space: real page tables of CPU format `F` in a
 /// [`SimPhys`], regions, a fault handler, kernel mutations that notify
 /// devices, and an [`Oracle`] beside the tables.
+///
+/// # Formats
+/// `F` defaults to x86_64 4-level paging; any format works whose geometry
+/// has 4 KiB pages and 2 MiB / 1 GiB entries at levels 1 / 2 that may be
+/// leaves, and which encodes what the model writes (permissive directories,
+/// user leaves, PROT_NONE and software entries at levels 0..=2).
+/// [`new_in`](Self::new_in) checks the geometry, and an entry the format
+/// refuses to encode panics with the format's name (a test bug, never a
+/// silent skip). Sizes, indices, the root level and the user half
+/// ([`USER_END`](Self::USER_END)) all come from `F::Geometry`.
 ///
 /// # Locks
 /// - the *mmap lock* (`RwLock` over the regions): read side for faults, CPU
@@ -88,7 +100,7 @@ struct Stats {
 /// Adding a translation, or upgrading one in place (same frame, more
 /// permission), is not bracketed: a device can only be missing permission,
 /// never hold a stale one.
-pub struct ModelSpace {
+pub struct ModelSpace<F: PteFormat = X86_64Level4> {
     machine: Arc<Machine>,
     // INVARIANT: allocated in `new`, zeroed, and freed only in `drop`, so it
     // is live for the whole lifetime of `self` (AddressSpace contract 1).
@@ -98,32 +110,59 @@ pub struct ModelSpace {
     notifiers: NotifierRegistry<VecStore, SpinWait>,
     hook: RwLock<Option<Arc<Hook>>>,
     stats: Stats,
+    _format: PhantomData<fn() -> F>,
 }
 
 /// The model's mmap read lock, as handed to hmm-core.
-pub struct ModelReadGuard<'a> {
-    space: &'a ModelSpace,
+pub struct ModelReadGuard<'a, F: PteFormat = X86_64Level4> {
+    space: &'a ModelSpace<F>,
     vm: RwLockReadGuard<'a, Vm>,
 }
 
-impl core::fmt::Debug for ModelReadGuard<'_> {
+impl<F: PteFormat> core::fmt::Debug for ModelReadGuard<'_, F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ModelReadGuard").field("root", &format_args!("{:#x}", self.space.root)).finish()
     }
 }
 
-impl core::fmt::Debug for ModelSpace {
+impl<F: PteFormat> core::fmt::Debug for ModelSpace<F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ModelSpace").field("root", &format_args!("{:#x}", self.root)).finish_non_exhaustive()
     }
 }
 
 impl ModelSpace {
-    /// An empty address space: allocates the root table (and the zero page,
-    /// shared with every process forked from this one).
+    /// An empty x86_64 4-level address space: allocates the root table (and
+    /// the zero page, shared with every process forked from this one). For
+    /// another format, [`ModelSpace::<F>::new_in`](Self::new_in).
     pub fn new(alloc: &Arc<CountingAllocator>) -> Result<Self> {
+        Self::new_in(alloc)
+    }
+}
+
+impl<F: PteFormat> ModelSpace<F> {
+    /// One past the last user address of `F`: `2^(VA_BITS - 1)` if
+    /// addresses are sign-extended, `2^VA_BITS` otherwise.
+    pub const USER_END: u64 = user_end::<F>();
+
+    /// An empty address space with tables of format `F`: allocates the root
+    /// table (and the zero page, shared with every process forked from this
+    /// one). Panics if the model cannot run on `F` (see the type's docs).
+    pub fn new_in(alloc: &Arc<CountingAllocator>) -> Result<Self> {
+        table::check_format::<F>();
         let machine = Machine::new(alloc)?;
         Self::with_machine(machine)
+    }
+
+    /// A page-aligned range of `F`'s address space; panics if invalid (for
+    /// tests, where an invalid literal is a bug of the test).
+    pub fn range(start: u64, len: u64) -> VaRange {
+        VaRange::new::<F::Geometry>(start, len).unwrap_or_else(|e| panic!("bad range {start:#x}+{len:#x}: {e}"))
+    }
+
+    /// The whole user half, `0 .. USER_END`.
+    pub fn user_range() -> VaRange {
+        Self::range(0, Self::USER_END)
     }
 
     fn with_machine(machine: Arc<Machine>) -> Result<Self> {
@@ -137,6 +176,7 @@ impl ModelSpace {
             notifiers: NotifierRegistry::new(),
             hook: RwLock::new(None),
             stats: Stats::default(),
+            _format: PhantomData,
         })
     }
 
@@ -157,7 +197,7 @@ impl ModelSpace {
 
     /// A lock-free reader of this space's tables (for hooks and device
     /// threads).
-    pub fn table_view(&self) -> TableView {
+    pub fn table_view(&self) -> TableView<F> {
         TableView::new(self.sim_phys().clone(), self.root)
     }
 
@@ -203,7 +243,7 @@ impl ModelSpace {
         self.machine.phys()
     }
 
-    fn check_guard(&self, guard: &ModelReadGuard<'_>) {
+    fn check_guard(&self, guard: &ModelReadGuard<'_, F>) {
         assert!(core::ptr::eq(guard.space, self), "read guard of another address space");
     }
 
@@ -229,7 +269,7 @@ impl ModelSpace {
 
     /// The regions, in address order.
     pub fn regions(&self) -> Vec<Region> {
-        self.vm_read().regions.all().map(Vma::region).collect()
+        self.vm_read().regions.all().map(Vma::region::<F::Geometry>).collect()
     }
 
     /// A copy of the oracle.
@@ -240,7 +280,7 @@ impl ModelSpace {
 
     /// A copy of the oracle, for a caller already holding the read lock
     /// (taking it again could deadlock behind a waiting writer).
-    pub fn oracle_under(&self, guard: &ModelReadGuard<'_>) -> Oracle {
+    pub fn oracle_under(&self, guard: &ModelReadGuard<'_, F>) -> Oracle {
         self.check_guard(guard);
         self.pt_lock().oracle.clone()
     }
@@ -266,26 +306,35 @@ impl ModelSpace {
         // SAFETY: `root` is live for the lifetime of `self` (INVARIANT on
         // `root`), and the read lock keeps every table reachable from it
         // allocated for the duration of the call.
-        unsafe { hmm_core::pt::snapshot::<X86_64Level4, SimPhys>(self.phys_ref(), self.root, range, &mut out) }
+        unsafe { hmm_core::pt::snapshot::<F, SimPhys>(self.phys_ref(), self.root, range, &mut out) }
             .expect("snapshot of a valid range");
         out
     }
 
     /// Walks the real tables with `hmm_core::pt::walk` and panics unless
     /// they agree with the oracle: every leaf at the same address, level,
-    /// frame, write permission and PROT_NONE state, user-accessible, nothing
-    /// where the oracle has nothing. Also checks each leaf's owner: anonymous
+    /// frame, write permission and PROT_NONE state, user-accessible, every
+    /// software entry where the oracle has it, nothing where the oracle has
+    /// nothing. Also checks each leaf's owner: anonymous
     /// frames are counted folios, zero-page leaves map the zero page, object
     /// leaves map the region's object page.
     pub fn check_tables(&self) {
         let vm = self.vm_read();
         let pt = self.pt_lock();
         let oracle = &pt.oracle;
-        let user = range(0, table::USER_END);
+        let user = Self::user_range();
         let mut seen = 0usize;
+        let mut specials = 0usize;
         let mut visit = |span: Span, entry: PteView| -> ControlFlow<()> {
             let (frame, flags, prot_none) = match entry {
                 PteView::Absent => return ControlFlow::Continue(()),
+                PteView::Special(s) => {
+                    let at = span.entry_base();
+                    let want = OracleSpecial { entry: s, order: span.shift - 12 };
+                    assert_eq!(oracle.specials().get(&at), Some(&want), "software entry at {at:#x}");
+                    specials += 1;
+                    return ControlFlow::Continue(());
+                }
                 PteView::Leaf { frame, flags } => (frame, flags, false),
                 PteView::ProtNone { frame, flags } => (frame, flags, true),
                 other => panic!("tables: unexpected entry {other:?} at {:#x}", span.range.start()),
@@ -304,9 +353,16 @@ impl ModelSpace {
         };
         // SAFETY: `root` is live (INVARIANT on `root`) and the read lock
         // keeps every table reachable from it allocated during the walk.
-        let _ = unsafe { hmm_core::pt::walk::<X86_64Level4, SimPhys, _>(self.phys_ref(), self.root, user, &mut visit) }
+        let _ = unsafe { hmm_core::pt::walk::<F, SimPhys, _>(self.phys_ref(), self.root, user, &mut visit) }
             .expect("walk of the user half");
         assert_eq!(seen, oracle.len(), "the oracle has leaves the tables do not map");
+        assert_eq!(specials, oracle.specials().len(), "the oracle has software entries the tables lack");
+        for &at in oracle.specials().keys() {
+            assert!(
+                vm.regions.at(at).is_some_and(Vma::is_private),
+                "software entry at {at:#x} outside a private region"
+            );
+        }
         for (&at, leaf) in oracle.leaves() {
             let v = vm.regions.at(at).unwrap_or_else(|| panic!("leaf at {at:#x} outside every region"));
             match leaf.backing {
@@ -322,15 +378,16 @@ impl ModelSpace {
     }
 }
 
-/// A page-aligned range of the 4-level user space; panics if invalid (for
-/// tests, where an invalid literal is a bug of the test).
+/// A page-aligned range of the x86_64 4-level user space; panics if invalid
+/// (for tests, where an invalid literal is a bug of the test). For another
+/// format, [`ModelSpace::<F>::range`](ModelSpace::range).
 pub fn range(start: u64, len: u64) -> VaRange {
     VaRange::new::<X86_64Level4>(start, len).unwrap_or_else(|e| panic!("bad range {start:#x}+{len:#x}: {e}"))
 }
 
 // The contract of `AddressSpace`, point by point:
 // 1. `root` is allocated in `new`, zeroed, and freed only in `Drop`, so it is
-//    a live X86_64Level4 root reachable through `phys()` for the lifetime of
+//    a live root of format `F` reachable through `phys()` for the lifetime of
 //    `self`.
 // 2. Table frames are freed only by `prune` (from `map`), `free_all_below`
 //    (from `release`) and `Prepared::abort` (frames never linked); the first
@@ -346,12 +403,15 @@ pub fn range(start: u64, len: u64) -> VaRange {
 // 4. Every entry write is a Release store to the entry's `AtomicU64`
 //    (`table::Slot::store` and friends).
 // SAFETY: 1-4 just above.
-unsafe impl AddressSpace for ModelSpace {
-    type Format = X86_64Level4;
+unsafe impl<F: PteFormat> AddressSpace for ModelSpace<F> {
+    type Format = F;
     type Phys = SimPhys;
     type Store = VecStore;
     type Wait = SpinWait;
-    type ReadGuard<'a> = ModelReadGuard<'a>;
+    type ReadGuard<'a>
+        = ModelReadGuard<'a, F>
+    where
+        Self: 'a;
 
     fn phys(&self) -> &SimPhys {
         self.phys_ref()
@@ -365,16 +425,16 @@ unsafe impl AddressSpace for ModelSpace {
         &self.notifiers
     }
 
-    fn read_lock(&self) -> ModelReadGuard<'_> {
+    fn read_lock(&self) -> ModelReadGuard<'_, F> {
         ModelReadGuard { space: self, vm: self.vm_read() }
     }
 
-    fn region(&self, guard: &ModelReadGuard<'_>, va: u64) -> Option<Region> {
+    fn region(&self, guard: &ModelReadGuard<'_, F>, va: u64) -> Option<Region> {
         self.check_guard(guard);
-        guard.vm.regions.at(va).map(Vma::region)
+        guard.vm.regions.at(va).map(Vma::region::<F::Geometry>)
     }
 
-    fn handle_fault(&self, guard: &ModelReadGuard<'_>, range: VaRange, write: bool) -> Result<()> {
+    fn handle_fault(&self, guard: &ModelReadGuard<'_, F>, range: VaRange, write: bool) -> Result<()> {
         self.check_guard(guard);
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
         self.fault_range(&guard.vm, range, write, false)
@@ -385,7 +445,7 @@ unsafe impl AddressSpace for ModelSpace {
     }
 }
 
-impl Drop for ModelSpace {
+impl<F: PteFormat> Drop for ModelSpace<F> {
     fn drop(&mut self) {
         if !self.is_released() {
             self.release();

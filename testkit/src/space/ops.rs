@@ -8,16 +8,29 @@
 //! private pages write-protected, which only costs a later fault).
 
 use super::region::{Kind, RegionKind, Vma};
-use super::table::{self, leaf_flags, leaf_raw, order_level, order_size, TOP, USER_END};
-use super::{range, ModelSpace, Pt, Vm};
+use super::table::{self, leaf_flags, leaf_raw, order_level, order_size, special_raw, top};
+use super::{ModelSpace, Pt, Vm};
 use crate::file::SimFile;
-use crate::oracle::{Backing, OracleLeaf};
+use crate::oracle::{Backing, OracleLeaf, OracleSpecial};
 use crate::phys::{HUGE_1G, HUGE_2M, PAGE};
-use hmm_core::arch::x86_64::X86_64Level4;
+use hmm_core::arch::{PteFormat, SpecialEntry};
 use hmm_core::{Error, Event, FrameAllocator, RegionFlags, Result, VaRange};
 
-/// Permission bits of a mapping request, normalised for x86_64 (no write-
-/// or execute-only pages: either implies read).
+/// `entry` without write permission (entries that carry none unchanged).
+fn read_only(entry: SpecialEntry) -> SpecialEntry {
+    match entry {
+        SpecialEntry::Migration { frame, .. } => SpecialEntry::Migration { frame, write: false },
+        SpecialEntry::DevicePrivate { frame, owner, .. } => SpecialEntry::DevicePrivate { frame, owner, write: false },
+        SpecialEntry::DeviceExclusive { frame, owner, .. } => {
+            SpecialEntry::DeviceExclusive { frame, owner, write: false }
+        }
+        other => other,
+    }
+}
+
+/// Permission bits of a mapping request, normalised the same way for every
+/// format (no write- or execute-only pages: either implies read, as on
+/// x86_64; the model never writes an execute-only leaf).
 fn perms(flags: RegionFlags) -> RegionFlags {
     let mut p = flags & (RegionFlags::READ | RegionFlags::WRITE | RegionFlags::EXEC);
     if p.intersects(RegionFlags::WRITE | RegionFlags::EXEC) {
@@ -26,19 +39,19 @@ fn perms(flags: RegionFlags) -> RegionFlags {
     p
 }
 
-impl ModelSpace {
+impl<F: PteFormat> ModelSpace<F> {
     /// Creates a region of `kind` over `[start, start + len)` with the
-    /// permissions in `flags` (READ / WRITE / EXEC; write or exec imply read
-    /// on x86_64; IO and SHARED are set from `kind`, not taken from `flags`).
+    /// permissions in `flags` (READ / WRITE / EXEC; write or exec imply
+    /// read; IO and SHARED are set from `kind`, not taken from `flags`).
     /// Mixed and IO maps are populated at once; everything else on fault.
     ///
-    /// Errors: the range's validation errors, [`Error::OutOfRange`] past the
-    /// 47-bit user half, [`Error::Unaligned`] for a hugetlb range not aligned
+    /// Errors: the range's validation errors (for `F`'s geometry),
+    /// [`Error::OutOfRange`] past the user half ([`Self::USER_END`]), [`Error::Unaligned`] for a hugetlb range not aligned
     /// to its page size or a file offset not page aligned, [`Error::Busy`] if
     /// the range overlaps a region, [`Error::NoMemory`], [`Error::Released`].
     pub fn map(&self, start: u64, len: u64, flags: RegionFlags, kind: RegionKind) -> Result<VaRange> {
-        let r = VaRange::new::<X86_64Level4>(start, len)?;
-        if r.last() >= USER_END {
+        let r = VaRange::new::<F::Geometry>(start, len)?;
+        if r.last() >= Self::USER_END {
             return Err(Error::OutOfRange);
         }
         let pages = len / PAGE;
@@ -83,7 +96,7 @@ impl ModelSpace {
         {
             let _pt = self.pt_lock();
             // Tables left empty by earlier unmaps would keep huge leaves out.
-            table::prune(alloc, self.root, TOP, r.start(), r.last());
+            table::prune::<F>(alloc, self.root, top::<F>(), r.start(), r.last());
         }
         vm.regions.insert(vma.clone());
         if prepopulate {
@@ -174,12 +187,19 @@ impl ModelSpace {
             for (at, leaf) in pt.oracle.leaves_in(r) {
                 let v = vm.regions.at(at).expect("leaf inside a region");
                 let write = !prot_none && self.leaf_writable(v, &leaf);
-                let level = order_level(leaf.order);
-                let s = table::leaf_slot(self.phys_ref(), self.root, at, level);
-                s.store(self.phys_ref(), leaf_raw(leaf.frame, level, leaf_flags(write, exec), prot_none));
+                let level = order_level::<F>(leaf.order);
+                let s = table::leaf_slot::<F>(self.phys_ref(), self.root, at, level);
+                s.store(self.phys_ref(), leaf_raw::<F>(leaf.frame, level, leaf_flags(write, exec), prot_none));
                 let o = pt.oracle.get_mut(at).expect("leaf in the oracle");
                 o.write = write;
                 o.prot_none = prot_none;
+            }
+            if !perms.contains(RegionFlags::WRITE) {
+                // Software entries stay, but lose write (as Linux's
+                // mprotect does to writable migration / device entries).
+                for (at, sp) in pt.oracle.specials_in(r) {
+                    self.store_special(&mut pt, at, OracleSpecial { entry: read_only(sp.entry), ..sp });
+                }
             }
             self.flush_tlb();
         }
@@ -207,7 +227,7 @@ impl ModelSpace {
     ///
     /// Errors: [`Error::NoMemory`] (the half-built child is torn down),
     /// [`Error::Released`].
-    pub fn fork(&self) -> Result<ModelSpace> {
+    pub fn fork(&self) -> Result<ModelSpace<F>> {
         let vm = self.vm_write();
         if vm.released {
             return Err(Error::Released);
@@ -218,8 +238,11 @@ impl ModelSpace {
             if matches!(v.kind, Kind::Shared(..)) {
                 continue;
             }
-            let r = v.range();
-            let has_pages = !self.pt_lock().oracle.leaves_in(r).is_empty();
+            let r = v.range::<F::Geometry>();
+            let has_pages = {
+                let pt = self.pt_lock();
+                !pt.oracle.leaves_in(r).is_empty() || !pt.oracle.specials_in(r).is_empty()
+            };
             if !has_pages {
                 continue;
             }
@@ -237,16 +260,16 @@ impl ModelSpace {
         Ok(child)
     }
 
-    fn copy_leaves(&self, pt: &mut Pt, child: &ModelSpace, cpt: &mut Pt, v: &Vma) -> Result<()> {
+    fn copy_leaves(&self, pt: &mut Pt, child: &ModelSpace<F>, cpt: &mut Pt, v: &Vma) -> Result<()> {
         let exec = v.flags.contains(RegionFlags::EXEC);
         let mut wrote = false;
-        for (at, leaf) in pt.oracle.leaves_in(v.range()) {
+        for (at, leaf) in pt.oracle.leaves_in(v.range::<F::Geometry>()) {
             let mut copy = leaf;
             if leaf.backing == Backing::Anon {
                 if leaf.write {
-                    let level = order_level(leaf.order);
-                    let s = table::leaf_slot(self.phys_ref(), self.root, at, level);
-                    s.store(self.phys_ref(), leaf_raw(leaf.frame, level, leaf_flags(false, exec), leaf.prot_none));
+                    let level = order_level::<F>(leaf.order);
+                    let s = table::leaf_slot::<F>(self.phys_ref(), self.root, at, level);
+                    s.store(self.phys_ref(), leaf_raw::<F>(leaf.frame, level, leaf_flags(false, exec), leaf.prot_none));
                     pt.oracle.get_mut(at).expect("leaf in the oracle").write = false;
                     wrote = true;
                 }
@@ -256,6 +279,16 @@ impl ModelSpace {
             if leaf.backing == Backing::Anon {
                 self.machine.get(leaf.frame, leaf.order);
             }
+        }
+        // Software entries are copied, read-only on both sides (like
+        // Linux's copy_nonpresent_pte for a copy-on-write mapping).
+        for (at, sp) in pt.oracle.specials_in(v.range::<F::Geometry>()) {
+            let ro = OracleSpecial { entry: read_only(sp.entry), ..sp };
+            if ro != sp {
+                self.store_special(pt, at, ro);
+                wrote = true;
+            }
+            child.install_special(cpt, at, ro)?;
         }
         if wrote {
             self.flush_tlb();
@@ -276,14 +309,19 @@ impl ModelSpace {
         vm.released = true;
         let hook = self.hook.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         if let Some(hook) = hook {
-            hook(range(0, USER_END), Event::Release);
+            hook(Self::user_range(), Event::Release);
         }
         self.notifiers.release();
         {
             let mut pt = self.pt_lock();
             let leaves: Vec<(u64, OracleLeaf)> = pt.oracle.leaves().iter().map(|(&a, &l)| (a, l)).collect();
             for &(at, leaf) in &leaves {
-                let s = table::leaf_slot(self.phys_ref(), self.root, at, order_level(leaf.order));
+                let s = table::leaf_slot::<F>(self.phys_ref(), self.root, at, order_level::<F>(leaf.order));
+                s.store(self.phys_ref(), 0);
+            }
+            let specials: Vec<(u64, OracleSpecial)> = pt.oracle.specials().iter().map(|(&a, &s)| (a, s)).collect();
+            for (at, sp) in specials {
+                let s = table::leaf_slot::<F>(self.phys_ref(), self.root, at, order_level::<F>(sp.order));
                 s.store(self.phys_ref(), 0);
             }
             pt.oracle.clear();
@@ -293,7 +331,7 @@ impl ModelSpace {
                     self.machine.put(leaf.frame, leaf.order);
                 }
             }
-            table::free_all_below(&self.machine.alloc, self.root, TOP);
+            table::free_all_below::<F>(&self.machine.alloc, self.root, top::<F>());
         }
         drop(vm.regions.take_all());
     }
@@ -360,9 +398,15 @@ impl ModelSpace {
             let leaves = pt.oracle.leaves_in(r);
             for &(at, leaf) in &leaves {
                 assert!(at >= r.start() && at + (order_size(leaf.order) - 1) <= r.last(), "zap of a partial leaf");
-                let s = table::leaf_slot(self.phys_ref(), self.root, at, order_level(leaf.order));
+                let s = table::leaf_slot::<F>(self.phys_ref(), self.root, at, order_level::<F>(leaf.order));
                 s.store(self.phys_ref(), 0);
                 pt.oracle.remove(at);
+            }
+            for (at, sp) in pt.oracle.specials_in(r) {
+                assert!(at >= r.start() && at + (order_size(sp.order) - 1) <= r.last(), "zap of a partial entry");
+                let s = table::leaf_slot::<F>(self.phys_ref(), self.root, at, order_level::<F>(sp.order));
+                s.store(self.phys_ref(), 0);
+                pt.oracle.remove_special(at);
             }
             self.flush_tlb();
             for (_, leaf) in leaves {
@@ -373,5 +417,71 @@ impl ModelSpace {
         }
         self.end_invalidation(inv);
         Ok(())
+    }
+}
+
+impl<F: PteFormat> ModelSpace<F> {
+    /// Plants the software entry `entry` (swap, migration, device-private,
+    /// device-exclusive, or a kernel-defined one) at `va`, encoded by `F`,
+    /// where nothing is mapped yet: as if the page had been swapped out, or
+    /// migrated to a device, before anything looked at it. It is a 4 KiB
+    /// entry, or in a hugetlb region an entry of the region's page size
+    /// (`va` aligned to it). Adding a non-present entry removes no
+    /// translation, so nothing is invalidated.
+    ///
+    /// The model keeps it in the oracle ([`Oracle::specials`](crate::Oracle::specials)):
+    /// unmap and clear remove it, protect without WRITE and fork make it
+    /// read-only, and a fault on it (CPU access or `handle_fault`) replaces
+    /// it, under a `Clear` invalidation of its span, with a fresh zeroed
+    /// private page (the model keeps no swap or device memory contents).
+    ///
+    /// Panics if `F` cannot encode `entry` (a test bug). Errors:
+    /// [`Error::Fault`] outside a private region (anonymous, THP, hugetlb,
+    /// mixed map), [`Error::Unaligned`] for a hugetlb `va` not aligned to
+    /// its page, [`Error::Busy`] if something is mapped there,
+    /// [`Error::NoMemory`], [`Error::Released`].
+    pub fn set_special(&self, va: u64, entry: SpecialEntry) -> Result<()> {
+        let vm = self.vm_write();
+        if vm.released {
+            return Err(Error::Released);
+        }
+        let v = vm.regions.at(va).filter(|v| v.is_private()).ok_or(Error::Fault)?;
+        let order = match v.kind {
+            Kind::HugeTlb(order) => order,
+            _ => 0,
+        };
+        if !va.is_multiple_of(order_size(order)) {
+            return Err(Error::Unaligned);
+        }
+        let mut pt = self.pt_lock();
+        if pt.oracle.leaf_at(va).is_some() || pt.oracle.special_at(va).is_some() {
+            return Err(Error::Busy);
+        }
+        self.install_special(&mut pt, va, OracleSpecial { entry, order })
+    }
+
+    /// Installs the software entry `sp` at the empty `at` (allocating
+    /// tables) and records it.
+    pub(crate) fn install_special(&self, pt: &mut Pt, at: u64, sp: OracleSpecial) -> Result<()> {
+        let level = order_level::<F>(sp.order);
+        let raw = special_raw::<F>(sp.entry, level);
+        let alloc = &*self.machine.alloc;
+        let prep = table::prepare::<F>(alloc, self.root, at, level)?;
+        if !prep.is_clear(level) {
+            prep.abort(alloc);
+            return Err(Error::Busy);
+        }
+        let s = prep.link::<F>(self.phys_ref(), at, level);
+        s.store(self.phys_ref(), raw);
+        pt.oracle.insert_special(at, sp);
+        Ok(())
+    }
+
+    /// Rewrites the recorded software entry at `at` as `sp`.
+    fn store_special(&self, pt: &mut Pt, at: u64, sp: OracleSpecial) {
+        let level = order_level::<F>(sp.order);
+        let s = table::leaf_slot::<F>(self.phys_ref(), self.root, at, level);
+        s.store(self.phys_ref(), special_raw::<F>(sp.entry, level));
+        *pt.oracle.special_mut(at).expect("software entry in the oracle") = sp;
     }
 }

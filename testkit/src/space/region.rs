@@ -6,7 +6,7 @@
 
 use crate::file::SimFile;
 use crate::phys::PAGE;
-use crate::range;
+use hmm_core::arch::PagingGeometry;
 use hmm_core::{Region, RegionFlags, VaRange};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -70,12 +70,14 @@ pub(crate) struct Vma {
 }
 
 impl Vma {
-    pub(crate) fn range(&self) -> VaRange {
-        range(self.start, self.last - self.start + 1)
+    /// The region's range, in geometry `G` (the space's, which `map`
+    /// validated it for).
+    pub(crate) fn range<G: PagingGeometry>(&self) -> VaRange {
+        VaRange::new::<G>(self.start, self.last - self.start + 1).expect("regions lie in the user half")
     }
 
-    pub(crate) fn region(&self) -> Region {
-        Region { range: self.range(), flags: self.flags }
+    pub(crate) fn region<G: PagingGeometry>(&self) -> Region {
+        Region { range: self.range::<G>(), flags: self.flags }
     }
 
     /// The backing object and page index for `va`, for object-backed kinds.
