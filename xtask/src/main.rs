@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask demo`, `cargo xtask test`, `cargo xtask bench [--quick]`,
-//! `cargo xtask verify [--long]`.
+//! Project tasks: `cargo xtask demo [--arch x86_64|riscv64]`, `cargo xtask test`,
+//! `cargo xtask bench [--quick]`, `cargo xtask verify [--long]`.
 
 mod bench;
 mod mutants;
 mod qemu;
+mod riscv;
 mod svg;
 mod verify_tools;
 
@@ -14,14 +15,21 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = repo_root();
     let result = match args.first().map(String::as_str) {
-        Some("demo") => demo(&root),
+        Some("demo") => match args[1..].iter().map(String::as_str).collect::<Vec<_>>()[..] {
+            [] | ["--arch", "x86_64"] => demo(&root),
+            ["--arch", "riscv64"] => riscv::demo(&root),
+            _ => {
+                eprintln!("usage: cargo xtask demo [--arch x86_64|riscv64]");
+                exit(2);
+            }
+        },
         Some("test") => test(&root),
         Some("bench") if args.len() <= 2 && args.get(1).is_none_or(|a| a == "--quick") => {
             bench::bench(&root, args.len() == 2)
         }
         Some("verify") => verify(&root, args.iter().any(|a| a == "--long")),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|bench [--quick]|verify [--long]>");
+            eprintln!("usage: cargo xtask <demo [--arch x86_64|riscv64]|test|bench [--quick]|verify [--long]>");
             exit(2);
         }
     };

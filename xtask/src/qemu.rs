@@ -112,10 +112,25 @@ fn build_kernel(kernel_dir: &Path) -> Result<PathBuf, String> {
     let target_dir = kernel_dir.join("target");
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(kernel_dir).args(["build", "--release", "--target", TARGET, "--target-dir"]).arg(&target_dir);
-    // Settings the outer cargo (or the user) may have exported for the host
-    // workspace that would break or relocate the bare-metal build. The
-    // kernel's rustflags come from its own .cargo/config.toml, which RUSTFLAGS
-    // and friends would silently replace.
+    clear_outer_cargo_env(&mut cmd);
+    eprintln!("xtask: building kernel: (cd {} && cargo build --release --target {TARGET})", kernel_dir.display());
+    let status = cmd.status().map_err(|e| format!("cannot run cargo in {}: {e}", kernel_dir.display()))?;
+    if !status.success() {
+        return Err(format!("kernel build failed ({status})"));
+    }
+    let elf = target_dir.join(TARGET).join("release").join(KERNEL_BIN);
+    if elf.is_file() {
+        Ok(elf)
+    } else {
+        Err(format!("kernel build succeeded but {} is missing", elf.display()))
+    }
+}
+
+/// Removes the settings the outer cargo (or the user) may have exported for
+/// the host workspace that would break or relocate a bare-metal build. A
+/// kernel's rustflags come from its own .cargo/config.toml, which RUSTFLAGS
+/// and friends would silently replace.
+pub(crate) fn clear_outer_cargo_env(cmd: &mut Command) {
     for var in [
         "CARGO_TARGET_DIR",
         "CARGO_BUILD_TARGET_DIR",
@@ -131,21 +146,10 @@ fn build_kernel(kernel_dir: &Path) -> Result<PathBuf, String> {
     ] {
         cmd.env_remove(var);
     }
-    eprintln!("xtask: building kernel: (cd {} && cargo build --release --target {TARGET})", kernel_dir.display());
-    let status = cmd.status().map_err(|e| format!("cannot run cargo in {}: {e}", kernel_dir.display()))?;
-    if !status.success() {
-        return Err(format!("kernel build failed ({status})"));
-    }
-    let elf = target_dir.join(TARGET).join("release").join(KERNEL_BIN);
-    if elf.is_file() {
-        Ok(elf)
-    } else {
-        Err(format!("kernel build succeeded but {} is missing", elf.display()))
-    }
 }
 
 /// Whether this process runs as root (uid 0), read from /proc.
-fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
         for line in status.lines() {
             if let Some(ids) = line.strip_prefix("Uid:") {
@@ -182,7 +186,7 @@ fn ensure_qemu() -> Result<(), String> {
 }
 
 /// The version apt would install of `package` ("Candidate:" of apt-cache policy).
-fn candidate_version(package: &str) -> Option<String> {
+pub(crate) fn candidate_version(package: &str) -> Option<String> {
     let out = Command::new("apt-cache").args(["policy", package]).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let v = text.lines().find_map(|l| l.trim().strip_prefix("Candidate:"))?.trim().to_string();
@@ -227,7 +231,7 @@ fn qemu_command(kernel: &Path, mode: &str, cpus: u32, extra: &[&str]) -> Command
 }
 
 /// Copies a child's output stream to ours while keeping a transcript.
-fn tee<R, W>(source: R, mut sink: W, transcript: Arc<Mutex<String>>) -> JoinHandle<()>
+pub(crate) fn tee<R, W>(source: R, mut sink: W, transcript: Arc<Mutex<String>>) -> JoinHandle<()>
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
@@ -253,7 +257,7 @@ where
 }
 
 /// Waits for `child` up to `timeout`; kills it on expiry (returns `None`).
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, String> {
+pub(crate) fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, String> {
     let start = Instant::now();
     loop {
         match child.try_wait() {
@@ -264,13 +268,13 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<Option<Exit
                 return Ok(None);
             }
             Ok(None) => thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(format!("waiting for {QEMU} failed: {e}")),
+            Err(e) => return Err(format!("waiting for QEMU failed: {e}")),
         }
     }
 }
 
 /// The last `n` lines of `text`, indented, for error messages.
-fn tail(text: &str, n: usize) -> String {
+pub(crate) fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
     lines[start..].iter().map(|l| format!("    | {l}\n")).collect()
