@@ -83,7 +83,9 @@ fn test(root: &Path) -> Result<(), String> {
         run(root, "cargo", &["build", "-p", "hmm-core", "--target", target, "--features", "alloc,defmt"])?;
     }
     println!("xtask: booting the bare-metal kernel in test mode (2 cores)");
-    qemu::run_kernel(root, "test", 2)
+    qemu::run_kernel(root, "test", 2)?;
+    println!("xtask: booting the riscv64 kernel (live Sv39 tables)");
+    riscv::demo(root)
 }
 
 /// The deep checks: loom models, long model-based property tests, Miri on
