@@ -1,7 +1,9 @@
-//! Project tasks: `cargo xtask demo [--arch x86_64|riscv64]`, `cargo xtask test`,
+//! Project tasks: `cargo xtask demo [--arch x86_64|riscv64|aarch64]`, `cargo xtask test`,
 //! `cargo xtask bench [--quick]`, `cargo xtask verify [--long]`.
 
+mod aarch64;
 mod bench;
+mod guest;
 mod mutants;
 mod qemu;
 mod riscv;
@@ -18,8 +20,9 @@ fn main() {
         Some("demo") => match args[1..].iter().map(String::as_str).collect::<Vec<_>>()[..] {
             [] | ["--arch", "x86_64"] => demo(&root),
             ["--arch", "riscv64"] => riscv::demo(&root),
+            ["--arch", "aarch64"] => aarch64::demo(&root),
             _ => {
-                eprintln!("usage: cargo xtask demo [--arch x86_64|riscv64]");
+                eprintln!("usage: cargo xtask demo [--arch x86_64|riscv64|aarch64]");
                 exit(2);
             }
         },
@@ -29,7 +32,7 @@ fn main() {
         }
         Some("verify") => verify(&root, args.iter().any(|a| a == "--long")),
         _ => {
-            eprintln!("usage: cargo xtask <demo [--arch x86_64|riscv64]|test|bench [--quick]|verify [--long]>");
+            eprintln!("usage: cargo xtask <demo [--arch x86_64|riscv64|aarch64]|test|bench [--quick]|verify [--long]>");
             exit(2);
         }
     };
@@ -85,7 +88,9 @@ fn test(root: &Path) -> Result<(), String> {
     println!("xtask: booting the bare-metal kernel in test mode (2 cores)");
     qemu::run_kernel(root, "test", 2)?;
     println!("xtask: booting the riscv64 kernel (live Sv39 tables)");
-    riscv::demo(root)
+    riscv::demo(root)?;
+    println!("xtask: booting the aarch64 kernel (live VMSAv8-64 tables)");
+    aarch64::demo(root)
 }
 
 /// The deep checks: loom models, long model-based property tests, Miri on
