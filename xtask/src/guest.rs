@@ -14,7 +14,7 @@
 //!    when one failed. The run passes only with status 0, at least one
 //!    `PASS` line, no `FAIL` line and the closing `N passed, 0 failed` line.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,69 +52,9 @@ pub fn demo(repo_root: &Path, guest: &Guest) -> Result<(), String> {
         return Err(format!("kernel crate not found at {}", kernel_dir.display()));
     }
     qemu::ensure_rust_target(&kernel_dir, guest.target)?;
-    let kernel = build_kernel(guest, &kernel_dir)?;
-    ensure_qemu(guest)?;
+    let kernel = qemu::build_kernel(&kernel_dir, guest.target, guest.kernel_bin)?;
+    qemu::ensure_qemu(guest.qemu, guest.apt_package)?;
     run(guest, &kernel)
-}
-
-/// `cargo build --release` in the kernel directory; returns the ELF path.
-fn build_kernel(guest: &Guest, kernel_dir: &Path) -> Result<PathBuf, String> {
-    let target = guest.target;
-    let target_dir = kernel_dir.join("target");
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(kernel_dir).args(["build", "--release", "--target", target, "--target-dir"]).arg(&target_dir);
-    qemu::clear_outer_cargo_env(&mut cmd);
-    eprintln!("xtask: building kernel: (cd {} && cargo build --release --target {target})", kernel_dir.display());
-    let status = cmd.status().map_err(|e| format!("cannot run cargo in {}: {e}", kernel_dir.display()))?;
-    if !status.success() {
-        return Err(format!("kernel build failed ({status})"));
-    }
-    let elf = target_dir.join(target).join("release").join(guest.kernel_bin);
-    elf.is_file().then_some(elf.clone()).ok_or_else(|| format!("build succeeded but {} is missing", elf.display()))
-}
-
-/// Whether `<qemu> --version` runs.
-fn qemu_runs(guest: &Guest) -> bool {
-    Command::new(guest.qemu).arg("--version").output().is_ok_and(|out| out.status.success())
-}
-
-/// Checks for QEMU; installs it with apt-get if missing and we are root.
-fn ensure_qemu(guest: &Guest) -> Result<(), String> {
-    if qemu_runs(guest) {
-        return Ok(());
-    }
-    let (program, package) = (guest.qemu, guest.apt_package);
-    let manual = format!("sudo apt-get update && sudo apt-get install -y {package}");
-    if !qemu::running_as_root() {
-        return Err(format!("{program} not found; install it with: {manual}"));
-    }
-    apt_get(program, &["update"], &manual)?;
-    // As for x86_64 (see `qemu::ensure_qemu`): the qemu-utils of QEMU's own
-    // version, or apt removes a newer qemu-img to make room.
-    let utils = qemu::candidate_version(package).map(|v| format!("qemu-utils={v}"));
-    let mut args = vec!["install", "-y", "--no-install-recommends", "--allow-downgrades", package];
-    args.extend(utils.as_deref());
-    apt_get(program, &args, &manual)?;
-    if qemu_runs(guest) {
-        Ok(())
-    } else {
-        Err(format!("{program} still not runnable after installing {package}"))
-    }
-}
-
-/// Runs `apt-get args` non-interactively (to install `program`).
-fn apt_get(program: &str, args: &[&str], manual: &str) -> Result<(), String> {
-    eprintln!("xtask: {program} not found, running: apt-get {}", args.join(" "));
-    let status = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .map_err(|e| format!("cannot run apt-get ({e}); install QEMU with: {manual}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("`apt-get {}` failed ({status}); install QEMU with: {manual}", args.join(" ")))
-    }
 }
 
 /// Boots `kernel` and judges the run.

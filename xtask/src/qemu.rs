@@ -65,8 +65,8 @@ pub fn run_kernel_output_with(repo_root: &Path, mode: &str, cpus: u32, extra: &[
         return Err(format!("kernel crate not found at {}", kernel_dir.display()));
     }
     ensure_rust_target(&kernel_dir, TARGET)?;
-    let kernel = build_kernel(&kernel_dir)?;
-    ensure_qemu()?;
+    let kernel = build_kernel(&kernel_dir, TARGET, KERNEL_BIN)?;
+    ensure_qemu(QEMU, QEMU_APT_PACKAGE)?;
     run_qemu(&kernel, mode, cpus, extra)
 }
 
@@ -107,18 +107,19 @@ pub(crate) fn ensure_rust_target(dir: &Path, target: &str) -> Result<(), String>
     }
 }
 
-/// `cargo build --release` in the kernel directory; returns the ELF path.
-fn build_kernel(kernel_dir: &Path) -> Result<PathBuf, String> {
+/// `cargo build --release --target target` in the kernel directory (its
+/// own `.cargo/config.toml` and `[workspace]`); returns the ELF `bin`.
+pub(crate) fn build_kernel(kernel_dir: &Path, target: &str, bin: &str) -> Result<PathBuf, String> {
     let target_dir = kernel_dir.join("target");
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(kernel_dir).args(["build", "--release", "--target", TARGET, "--target-dir"]).arg(&target_dir);
+    cmd.current_dir(kernel_dir).args(["build", "--release", "--target", target, "--target-dir"]).arg(&target_dir);
     clear_outer_cargo_env(&mut cmd);
-    eprintln!("xtask: building kernel: (cd {} && cargo build --release --target {TARGET})", kernel_dir.display());
+    eprintln!("xtask: building kernel: (cd {} && cargo build --release --target {target})", kernel_dir.display());
     let status = cmd.status().map_err(|e| format!("cannot run cargo in {}: {e}", kernel_dir.display()))?;
     if !status.success() {
         return Err(format!("kernel build failed ({status})"));
     }
-    let elf = target_dir.join(TARGET).join("release").join(KERNEL_BIN);
+    let elf = target_dir.join(target).join("release").join(bin);
     if elf.is_file() {
         Ok(elf)
     } else {
@@ -160,28 +161,29 @@ pub(crate) fn running_as_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
-/// Checks for QEMU; installs it with apt-get if missing and we are root.
-fn ensure_qemu() -> Result<(), String> {
-    if qemu_runs() {
+/// Checks that `program` (a QEMU binary) runs; installs the Debian `package`
+/// that holds it with apt-get if it is missing and we are root.
+pub(crate) fn ensure_qemu(program: &str, package: &str) -> Result<(), String> {
+    if qemu_runs(program) {
         return Ok(());
     }
-    let manual = format!("sudo apt-get update && sudo apt-get install -y {QEMU_APT_PACKAGE}");
+    let manual = format!("sudo apt-get update && sudo apt-get install -y {package}");
     if !running_as_root() {
-        return Err(format!("{QEMU} not found; install it with: {manual}"));
+        return Err(format!("{program} not found; install it with: {manual}"));
     }
-    apt_get(&["update"], &manual)?;
+    apt_get(program, &["update"], &manual)?;
     // The machine's qemu-utils may be newer than the distribution's QEMU,
-    // which breaks it: installed alone, qemu-system-x86 makes apt remove
-    // qemu-utils (qemu-img) silently. Ask for the matching qemu-utils so
-    // qemu-img stays (at the QEMU release's version).
-    let utils = candidate_version(QEMU_APT_PACKAGE).map(|v| format!("qemu-utils={v}"));
-    let mut args = vec!["install", "-y", "--no-install-recommends", "--allow-downgrades", QEMU_APT_PACKAGE];
+    // which breaks it: installed alone, a qemu-system package makes apt
+    // remove qemu-utils (qemu-img) silently. Ask for the matching qemu-utils
+    // so qemu-img stays (at the QEMU release's version).
+    let utils = candidate_version(package).map(|v| format!("qemu-utils={v}"));
+    let mut args = vec!["install", "-y", "--no-install-recommends", "--allow-downgrades", package];
     args.extend(utils.as_deref());
-    apt_get(&args, &manual)?;
-    if qemu_runs() {
+    apt_get(program, &args, &manual)?;
+    if qemu_runs(program) {
         Ok(())
     } else {
-        Err(format!("{QEMU} still not runnable after installing {QEMU_APT_PACKAGE}"))
+        Err(format!("{program} still not runnable after installing {package}"))
     }
 }
 
@@ -193,9 +195,9 @@ pub(crate) fn candidate_version(package: &str) -> Option<String> {
     (v != "(none)" && !v.is_empty()).then_some(v)
 }
 
-/// Runs `apt-get args` non-interactively.
-fn apt_get(args: &[&str], manual: &str) -> Result<(), String> {
-    eprintln!("xtask: {QEMU} not found, running: apt-get {}", args.join(" "));
+/// Runs `apt-get args` non-interactively (to install `program`).
+fn apt_get(program: &str, args: &[&str], manual: &str) -> Result<(), String> {
+    eprintln!("xtask: {program} not found, running: apt-get {}", args.join(" "));
     let status = Command::new("apt-get")
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
@@ -207,9 +209,9 @@ fn apt_get(args: &[&str], manual: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `qemu-system-x86_64 --version` runs successfully.
-fn qemu_runs() -> bool {
-    Command::new(QEMU).arg("--version").output().is_ok_and(|out| out.status.success())
+/// Whether `program --version` runs successfully.
+fn qemu_runs(program: &str) -> bool {
+    Command::new(program).arg("--version").output().is_ok_and(|out| out.status.success())
 }
 
 /// The QEMU invocation. `microvm`: no PCI, no SeaBIOS; its qboot firmware
