@@ -28,6 +28,8 @@
 //! sizes and the checks (pagemap bits, THP granted). `HMM_BENCH_QUICK=1`:
 //! fewer rounds, shorter samples. Run `cargo bench --bench walk`.
 
+#[path = "walk/arena.rs"]
+mod arena;
 #[path = "walk/baselines.rs"]
 mod baselines;
 #[path = "walk/linux.rs"]

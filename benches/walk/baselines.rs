@@ -2,7 +2,7 @@
 //! translation (the `x86_64` crate's `OffsetPageTable`), a hand-written range
 //! walk, an 8-byte store per page, and a memcpy of as many words.
 
-use crate::tables::{Arena, BASE};
+use crate::arena::{Arena, BASE};
 use hmm_core::pt::Pfn;
 use hmm_core::PhysMem;
 use std::hint::black_box;
@@ -21,7 +21,7 @@ const ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// The mapper is built per call: it holds `&mut` to the root table, which
 /// must not outlive this call while hmm-core reads the same frame.
 pub fn naive_translate(arena: &Arena, root: u64, va: u64, out: &mut [Pfn]) {
-    let offset = VirtAddr::new((arena.host_base() as u64).wrapping_sub(BASE));
+    let offset = VirtAddr::new((arena.ptr(BASE) as u64).wrapping_sub(BASE));
     // SAFETY: `root` is the arena's root table, 4 KiB-aligned (the arena is),
     // and no other reference to it exists while this call runs (the bench is
     // single-threaded and hmm-core reaches it through raw pointers only).

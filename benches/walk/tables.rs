@@ -1,21 +1,15 @@
-//! Fake x86_64 4-level tables in a heap arena, and the minimal kernel
-//! (`AddressSpace`) `range_fault` needs over them.
-//!
-//! Physical address = [`BASE`] + offset in the arena. Leaves point to fake
-//! frames outside the arena: nothing reads data frames.
+//! Fake x86_64 4-level tables in a heap arena (`arena.rs`), and the minimal
+//! kernel (`AddressSpace`) `range_fault` needs over them.
 
+use crate::arena::Arena;
 use hmm_core::arch::x86_64::X86_64Level4;
-use hmm_core::arch::{LeafFlags, PagingGeometry, PteFormat, PteView};
+use hmm_core::arch::LeafFlags;
 use hmm_core::notifier::FixedStore;
 use hmm_core::sync::SpinWait;
 use hmm_core::{
-    AddressSpace, Error, Interval, InvalidateRange, Notifier, NotifierRegistry, PhysMem, Region, RegionFlags, Result,
-    VaRange,
+    AddressSpace, Error, Interval, InvalidateRange, Notifier, NotifierRegistry, Region, RegionFlags, Result, VaRange,
 };
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 
-/// Physical address of the arena's first frame.
-pub const BASE: u64 = 1 << 30;
 /// 4 KiB leaves: up to 1 GiB of them from here.
 pub const VA_4K: u64 = 0x1000_0000_0000;
 /// 2 MiB leaves: 1 GiB of them from here.
@@ -31,93 +25,7 @@ pub const LEAVES_1G: u64 = 4;
 const FAKE_4K: u64 = 0x10_0000_0000;
 const FAKE_2M: u64 = 0x20_0000_0000;
 const FAKE_1G: u64 = 0x40_0000_0000;
-const PAGE: u64 = 4096;
 const RW_USER: LeafFlags = LeafFlags::READ.union(LeafFlags::WRITE).union(LeafFlags::USER);
-
-/// Page-aligned, zeroed frames on the heap, reached through a raw pointer
-/// only (so `hmm_core`, the `x86_64` crate and the hand walk may all read
-/// them without one holding a Rust reference the others would alias).
-pub struct Arena {
-    base: *mut u64,
-    layout: Layout,
-    frames: u64,
-    next: u64,
-}
-
-// SAFETY: `base` is a live, 4 KiB-aligned allocation of `frames` frames that
-// is neither moved nor freed before the arena drops; every table handed to
-// hmm-core is one of its frames, and distinct frames do not overlap.
-unsafe impl PhysMem for Arena {
-    #[inline]
-    fn ptr(&self, pa: u64) -> *mut u8 {
-        self.base.cast::<u8>().wrapping_add((pa - BASE) as usize)
-    }
-}
-
-impl Arena {
-    fn new(frames: u64) -> Self {
-        let layout = Layout::from_size_align((frames * PAGE) as usize, PAGE as usize).unwrap();
-        // SAFETY: the layout has a non-zero size.
-        let base = unsafe { alloc_zeroed(layout) }.cast::<u64>();
-        assert!(!base.is_null(), "arena allocation failed");
-        Self { base, layout, frames, next: 0 }
-    }
-
-    fn alloc(&mut self) -> u64 {
-        assert!(self.next < self.frames, "arena too small");
-        self.next += 1;
-        BASE + (self.next - 1) * PAGE
-    }
-
-    /// The arena's first byte: what an offset mapper adds to a physical address
-    /// (minus [`BASE`]).
-    pub fn host_base(&self) -> *mut u64 {
-        self.base
-    }
-
-    fn slot(&mut self, table: u64, idx: usize) -> &mut u64 {
-        assert!(table >= BASE && table < BASE + self.next * PAGE && idx < 512);
-        // SAFETY: `table` is an allocated frame of the arena (checked) and
-        // `idx < 512` keeps the entry inside it; `&mut self` excludes others.
-        unsafe { &mut *self.ptr(table).cast::<u64>().add(idx) }
-    }
-
-    /// The table at `level` (1..=2) below `root` covering `va`, created on the way.
-    fn table_for(&mut self, root: u64, va: u64, level: usize) -> u64 {
-        let mut table = root;
-        for l in (level + 1..X86_64Level4::LEVELS).rev() {
-            let idx = X86_64Level4::index(va, l);
-            table = match X86_64Level4::decode(*self.slot(table, idx), l) {
-                PteView::Table { frame, .. } => frame,
-                _ => {
-                    let t = self.alloc();
-                    let dir = PteView::Table { frame: t, flags: RW_USER };
-                    *self.slot(table, idx) = X86_64Level4::encode(&dir, l).unwrap();
-                    t
-                }
-            };
-        }
-        table
-    }
-
-    /// Maps `count` leaves of `level` from `va` to consecutive fake frames from `frame`.
-    fn map(&mut self, root: u64, va: u64, count: u64, level: usize, frame: u64) {
-        let size = 1u64 << X86_64Level4::level_shift(level);
-        for i in 0..count {
-            let v = va + i * size;
-            let table = self.table_for(root, v, level);
-            let leaf = PteView::Leaf { frame: frame + i * size, flags: RW_USER };
-            *self.slot(table, X86_64Level4::index(v, level)) = X86_64Level4::encode(&leaf, level).unwrap();
-        }
-    }
-}
-
-impl Drop for Arena {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout, freed once.
-        unsafe { dealloc(self.base.cast(), self.layout) };
-    }
-}
 
 /// The kernel in miniature: the arena's tables, one RW user region over all
 /// three areas, a read lock, and a registry with one interval.
@@ -136,9 +44,9 @@ impl BenchSpace {
         // Root, three PDPTs, two PDs, one PT per 512 pages, and slack.
         let mut arena = Arena::new(PAGES_4K / 512 + 16);
         let root = arena.alloc();
-        arena.map(root, VA_4K, PAGES_4K, 0, FAKE_4K);
-        arena.map(root, VA_2M, LEAVES_2M, 1, FAKE_2M);
-        arena.map(root, VA_1G, LEAVES_1G, 2, FAKE_1G);
+        arena.map::<X86_64Level4>(root, VA_4K, PAGES_4K, 0, FAKE_4K, RW_USER);
+        arena.map::<X86_64Level4>(root, VA_2M, LEAVES_2M, 1, FAKE_2M, RW_USER);
+        arena.map::<X86_64Level4>(root, VA_1G, LEAVES_1G, 2, FAKE_1G, RW_USER);
         let region = Region { range: Self::whole(), flags: RegionFlags::READ | RegionFlags::WRITE };
         Self { arena, root, region, lock: spin::RwLock::new(()), notifiers: NotifierRegistry::new() }
     }
