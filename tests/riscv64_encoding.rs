@@ -542,12 +542,16 @@ proptest! {
     }
 
     /// `user_page` agrees with `decode` at level 0 (PteFormat contract,
-    /// item 6): a READ | USER leaf, its frame, and WRITE.
+    /// item 6): a READ | USER leaf, its frame, and WRITE; IO pages (PBMT 2)
+    /// are left to `decode`.
     #[test]
     fn user_page_agrees_with_decode(raw in interesting_raw(), bit in 0u32..64) {
         fn check<F: PteFormat>(raw: u64) -> Result<(), TestCaseError> {
             let want = match F::decode(raw, 0) {
-                PteView::Leaf { frame, flags } if flags.contains(R | U) => Some((frame, flags.contains(W))),
+                // IO pages (PBMT = 2, bit 62) are left to decode.
+                PteView::Leaf { frame, flags } if flags.contains(R | U) && raw & 1 << 62 == 0 => {
+                    Some((frame, flags.contains(W)))
+                }
                 _ => None,
             };
             prop_assert_eq!(F::user_page(raw), want, "raw {:#x}", raw);
@@ -594,10 +598,11 @@ proptest! {
 // ---------------------------------------------------------------- through the walker
 
 /// An execute-only user page (X and U without R) is not a page a device may
-/// read: a snapshot reports it as an error, while the readable page next to
-/// it is valid (on both the per-page fast path and the general decode).
+/// read: a snapshot reports it as an error, while the readable pages next to
+/// it are valid, the ordinary one through `user_page`, the IO one through
+/// the full decode (and the same for a megapage, the huge-leaf path).
 #[test]
-fn execute_only_user_page_is_an_error_in_a_snapshot() {
+fn execute_only_user_page_is_an_error_in_a_snapshot_io_page_is_not() {
     use hmm_core::pt::{snapshot, Pfn};
     use hmm_core::VaRange;
     let phys = hmm_testkit::SimPhys::with_base(0x1000, 8 * 4096);
@@ -613,17 +618,22 @@ fn execute_only_user_page_is_an_error_in_a_snapshot() {
     const A: u64 = 1 << 6;
     let exec_only = V | X | U | A | (0x8_0000 << 10);
     let readable = V | R | X | U | A | (0x8_0001 << 10);
+    // An IO (PBMT = 2) user page: `user_page` leaves it to the full decode,
+    // which must still report it valid.
+    let io = V | R | U | A | (2 << 61) | (0x8_0002 << 10);
     phys.write_u64(slot(leaves, 0), exec_only);
     phys.write_u64(slot(leaves, 0) + 8, readable);
+    phys.write_u64(slot(leaves, 0) + 16, io);
+    assert_eq!(Sv39::user_page(io), None);
     assert_eq!(
         Sv39::decode(exec_only, 0),
         PteView::Leaf { frame: 0x8000_0000, flags: LeafFlags::EXEC | LeafFlags::USER | LeafFlags::ACCESSED }
     );
-    let mut out = [Pfn::NONE; 2];
-    let range = VaRange::new::<Sv39>(va, 2 * 4096).unwrap();
+    let mut out = [Pfn::NONE; 3];
+    let range = VaRange::new::<Sv39>(va, 3 * 4096).unwrap();
     // SAFETY: `root` is a live Sv39 root in `phys`, nothing changes it.
     unsafe { snapshot::<Sv39, _>(&phys, root, range, &mut out) }.unwrap();
-    assert_eq!(out, [Pfn::ERROR_ENTRY, Pfn::valid(0x8000_1000, false, 0)]);
+    assert_eq!(out, [Pfn::ERROR_ENTRY, Pfn::valid(0x8000_1000, false, 0), Pfn::valid(0x8000_2000, false, 0)]);
     // The same for an execute-only megapage, which takes the huge-leaf path.
     let mega = (va & !0x1f_ffff) + 0x20_0000;
     phys.write_u64(mid + Sv39::index(mega, 1) as u64 * 8, V | X | U | A | (0x8_0200 << 10));

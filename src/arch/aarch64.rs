@@ -327,9 +327,9 @@ impl<const LPA2: bool> Aarch64<LPA2> {
 // APTable/XNTable remove, EXEC whenever any of UXNTable, PXNTable,
 // APTable[0] is set. Non-valid entries are never Table or Leaf. (4) encode
 // writes exactly the fields decode reads. (5) Pure. (6) user_page accepts
-// exactly valid level-0 page descriptors with AP[1] and clear RES0 bits,
-// which decode reads as READ | USER leaves with that frame and WRITE =
-// !AP[2]. (7) directory() is valid | table | frame, accepted at 1..LEVELS
+// only valid level-0 page descriptors with AP[1] and clear RES0 bits (and,
+// with LPA2, OA[51:50] = 0), which decode reads as READ | USER leaves with
+// that frame and WRITE = !AP[2]; every encoded user page below 2^48 is one. (7) directory() is valid | table | frame, accepted at 1..LEVELS
 // for 4 KiB frames below 2^48 (or 2^52). (8) encode(decode(raw)) differs
 // from raw only in bits opaque_bits names (ignored fields, frame bits below
 // a block's span, and the DBM/XN/SW-dirty bits the view cannot tell apart),
@@ -424,10 +424,14 @@ unsafe impl<const LPA2: bool> PteFormat for Aarch64<LPA2> {
     }
 
     /// Valid, page, AP\[1\]: a user page (RES0 bits clear); writable iff
-    /// AP\[2\] is clear.
+    /// AP\[2\] is clear. With LPA2, a frame at or above 2^50 (OA\[51:50\] in
+    /// bits 8..=9) is left to `decode`, so the common case is one mask and no
+    /// bit shuffling.
     #[inline]
     fn user_page(raw: u64) -> Option<(u64, bool)> {
         const USER_PAGE: u64 = VALID | TYPE | AP_USER;
-        (raw & (USER_PAGE | Self::LEAF_RES0) == USER_PAGE).then(|| (Self::addr_from_raw(raw), raw & AP_RO == 0))
+        let high_oa = if LPA2 { 0b11 << 8 } else { 0 };
+        (raw & (USER_PAGE | Self::LEAF_RES0 | high_oa) == USER_PAGE)
+            .then(|| (Self::addr_from_raw(raw), raw & AP_RO == 0))
     }
 }

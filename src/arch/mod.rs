@@ -274,7 +274,11 @@ pub enum PteView {
 ///    `encode(&v, l)` is `Ok(raw)` then `decode(raw, l) == v`.
 /// 5. All methods but [`publish_table_writes`](Self::publish_table_writes)
 ///    are pure (no side effects, same output for same input).
-/// 6. [`user_page`](Self::user_page), if overridden, agrees with `decode`.
+/// 6. [`user_page`](Self::user_page), if overridden, returns `Some` only as
+///    its documentation says, and at least for every entry that
+///    `encode(&Leaf { frame, flags }, 0)` produces for a `frame` below 2^48
+///    and `flags` = `READ | USER` plus any of `WRITE`, `EXEC`, `ACCESSED`,
+///    `DIRTY`, `GLOBAL`.
 /// 7. [`directory`](Self::directory)`(frame, l)` is `Ok` for every level
 ///    `1 <= l < LEVELS` and every 4 KiB-aligned `frame` below 2^48, and
 ///    decodes to `Table { frame, flags: DIRECTORY }`.
@@ -321,12 +325,15 @@ pub unsafe trait PteFormat {
         Self::encode(&PteView::Table { frame, flags: Self::DIRECTORY }, level)
     }
 
-    /// The common case of a snapshot's inner loop, without building a
-    /// [`PteView`]: `Some((frame, writable))` exactly when
-    /// `decode(raw, 0)` is a [`PteView::Leaf`] with [`LeafFlags::READ`] and
-    /// [`LeafFlags::USER`], that frame, and [`LeafFlags::WRITE`] iff
-    /// `writable`; `None` otherwise. A format overrides it with a direct test
-    /// of its bits (the default decodes).
+    /// The common case of a walk's inner loop, without building a
+    /// [`PteView`]: `Some((frame, writable))` only when `decode(raw, 0)` is a
+    /// [`PteView::Leaf`] with [`LeafFlags::READ`] and [`LeafFlags::USER`],
+    /// that frame, and [`LeafFlags::WRITE`] iff `writable`. `None` means
+    /// "decode it": a format may answer `None` for rare user pages (a frame
+    /// whose address bits need reassembling, an unusual memory type) to keep
+    /// its test one mask, but must answer `Some` for the ordinary ones
+    /// (contract item 6). A format overrides it with a direct test of its
+    /// bits; the default decodes.
     #[inline]
     fn user_page(raw: u64) -> Option<(u64, bool)> {
         match Self::decode(raw, 0) {

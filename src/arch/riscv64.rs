@@ -257,8 +257,9 @@ fn encode_special(s: &SpecialEntry, level: usize) -> Result<u64> {
 // directory flags other than DIRECTORY, offsets that do not fit, Other
 // values in another kind's encoding) and otherwise writes exactly the bits
 // decode reads. (5) All methods but publish_table_writes are pure. (6)
-// `user_page` tests the exact conditions under which decode at level 0
-// yields a READ | USER leaf. (7) directory(frame, l) is V | PPN, Ok for every
+// `user_page` answers Some only under conditions where decode at level 0
+// yields a READ | USER leaf (V, R, U, no reserved bit, N clear, PBMT 0 or
+// 1), which every encoded user page meets (encode never sets PBMT). (7) directory(frame, l) is V | PPN, Ok for every
 // l >= 1 and 4 KiB frame below 2^56. (8) decode reads every bit outside
 // opaque_bits (RSW and PBMT of a leaf, RSW and G of a directory, the unused
 // and below-span bits of software entries) and encode writes them back as
@@ -335,11 +336,13 @@ unsafe impl<const N: usize> PteFormat for Riscv64<N> {
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Valid, readable, user, no reserved bit, N clear, PBMT != 3 (R set:
-    /// not a pointer, and W cannot be without R; level 0 has no alignment).
+    /// Valid, readable, user, no reserved bit, N clear (R set: not a
+    /// pointer, and W cannot be without R; level 0 has no alignment), and
+    /// PBMT 0 or 1 (bit 62 clear, so never the reserved 3): one mask test.
+    /// IO pages (PBMT 2) are left to `decode`.
     #[inline]
     fn user_page(raw: u64) -> Option<(u64, bool)> {
-        let mask = V | R | U | RESERVED | NAPOT;
-        (raw & mask == V | R | U && raw & PBMT != PBMT).then_some((pte_frame(raw), raw & W != 0))
+        let mask = V | R | U | RESERVED | NAPOT | (1 << 62);
+        (raw & mask == V | R | U).then_some((pte_frame(raw), raw & W != 0))
     }
 }

@@ -121,12 +121,7 @@ impl<O: Fn(PteView) -> Word> Visitor for Filler<'_, O> {
         let order = span.shift - page_shift;
         // Offset of the first visited page inside the entry.
         let skip = span.range.start() - span.entry_base();
-        let word = match entry {
-            PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
-                Word::Frame { frame, write: flags.contains(LeafFlags::WRITE) }
-            }
-            other => (self.other)(other),
-        };
+        let word = word_of(entry, &self.other);
         let dst = self.take(span.range.pages(page_shift) as usize);
         match word {
             Word::Frame { frame, write } => fill_frames(dst, Pfn::valid(frame + skip, write, order)),
@@ -135,26 +130,52 @@ impl<O: Fn(PteView) -> Word> Visitor for Filler<'_, O> {
         ControlFlow::Continue(())
     }
 
-    /// The hot loop of a snapshot over 4 KiB pages: one load, one test and
-    /// one store per present user page; everything else goes through the
-    /// general decode.
+    /// A table of 4 KiB pages: the directories' verdict (user, writable)
+    /// picks one of three loops once per table, so the per-page loop is one
+    /// load, one test and one store per present user page.
     #[inline]
     fn visit_pages<F: PteFormat>(&mut self, _va: u64, run: PageRun<'_>, allowed: LeafFlags) -> ControlFlow<Infallible> {
-        let user = allowed.contains(LeafFlags::USER);
-        let writable = allowed.contains(LeafFlags::WRITE);
         let n = run.len();
-        let next = self.next;
+        let (dst, other) = (&mut self.out[self.next..self.next + n], &self.other);
         self.next += n;
-        let dst = &mut self.out[next..next + n];
-        for (slot, raw) in dst.iter_mut().zip(run.iter()) {
-            *slot = match F::user_page(raw) {
-                Some((frame, write)) if user => Pfn::valid(frame, writable && write, 0),
-                _ => match (self.other)(super::walk::restrict_view(F::decode(raw, 0), allowed)) {
-                    Word::Frame { frame, write } => Pfn::valid(frame, write, 0),
-                    Word::Fixed(w) => w,
-                },
-            };
+        match (allowed.contains(LeafFlags::USER), allowed.contains(LeafFlags::WRITE)) {
+            (true, true) => fill_pages::<F, O, true, true>(dst, run, allowed, other),
+            (true, false) => fill_pages::<F, O, true, false>(dst, run, allowed, other),
+            (false, _) => fill_pages::<F, O, false, false>(dst, run, allowed, other),
         }
         ControlFlow::Continue(())
+    }
+}
+
+/// What a visited entry becomes: a user page the device may read, or what
+/// `other` says.
+#[inline]
+fn word_of<O: Fn(PteView) -> Word>(entry: PteView, other: &O) -> Word {
+    match entry {
+        PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
+            Word::Frame { frame, write: flags.contains(LeafFlags::WRITE) }
+        }
+        other_entry => other(other_entry),
+    }
+}
+
+/// One word per 4 KiB page under directories that allow `USER` and
+/// `WRITABLE`: the format's [`user_page`](PteFormat::user_page) answers the
+/// common case, the full decode (restricted by the directories) the rest.
+#[inline(always)]
+fn fill_pages<F: PteFormat, O: Fn(PteView) -> Word, const USER: bool, const WRITABLE: bool>(
+    dst: &mut [Pfn],
+    run: PageRun<'_>,
+    allowed: LeafFlags,
+    other: &O,
+) {
+    for (slot, raw) in dst.iter_mut().zip(run.iter()) {
+        *slot = match F::user_page(raw) {
+            Some((frame, write)) if USER => Pfn::valid(frame, WRITABLE && write, 0),
+            _ => match word_of(super::walk::restrict_view(F::decode(raw, 0), allowed), other) {
+                Word::Frame { frame, write } => Pfn::valid(frame, write, 0),
+                Word::Fixed(w) => w,
+            },
+        };
     }
 }
