@@ -401,6 +401,9 @@ fn print_summary(report: &Report, failures: &[String], elapsed: u64) {
 
 /// Writes BENCHMARKS.md and the SVG plots; returns the plots' paths.
 fn write_outputs(root: &Path, report: &Report, quick: bool, elapsed: u64) -> Result<Vec<String>, String> {
+    // Probed before anything is written, so the outputs of this run do not
+    // count as uncommitted changes.
+    let machine = Machine::probe(root);
     let plots = plot_files(report);
     let docs = root.join("docs");
     if !plots.is_empty() {
@@ -411,7 +414,7 @@ fn write_outputs(root: &Path, report: &Report, quick: bool, elapsed: u64) -> Res
         std::fs::write(&path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let files: Vec<&str> = plots.iter().map(|(f, _)| f.as_str()).collect();
-    let md = markdown(report, &Machine::probe(root), quick, elapsed, &files);
+    let md = markdown(report, &machine, quick, elapsed, &files);
     let path = root.join("BENCHMARKS.md");
     std::fs::write(&path, md).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(plots.into_iter().map(|(f, _)| f).collect())
