@@ -6,8 +6,8 @@
 //! Sv39/Sv48/Sv57): `decode` obeys the contract (Absent only for 0, Table
 //! only above level 0, Leaf only at leaf levels with an aligned frame), a
 //! decoded view that is not Invalid encodes again to the raw value up to its
-//! opaque bits, and `user_page` agrees with `decode`. Arbitrary views that
-//! encode must decode to themselves. The same holds for the software
+//! opaque bits, and `user_page` never says more than `decode`. Arbitrary
+//! views that encode must decode to themselves. The same holds for the software
 //! device format (`SoftFormat`) over the x86_64 4-level geometry and over a
 //! 6-level one, and every `DeviceFormat` decodes a directory entry the same
 //! with or without the mirror's live count in its count bits. `VaRange`
@@ -120,7 +120,10 @@ fn check_raw<F: PteFormat>(raw: u64, level: usize) {
             }
             _ => None,
         };
-        assert_eq!(F::user_page(raw), expected, "user_page({raw:#x})");
+        // `None` always means "decode it" (contract item 6); `Some` must be right.
+        if let Some(got) = F::user_page(raw) {
+            assert_eq!(Some(got), expected, "user_page({raw:#x})");
+        }
     }
 }
 
