@@ -242,7 +242,7 @@ impl Process {
     /// The CPU translation of `va`: frame and writability, read from the
     /// live table with hmm-core's decoding.
     pub fn translate(&self, va: u64) -> Option<(u64, bool)> {
-        Aarch64Va48::user_page(self.raw(va)?)
+        readable_user_page(Aarch64Va48::decode(self.raw(va)?, 0))
     }
 
     /// The raw level-0 entry of `va`, if its tables exist.
@@ -408,4 +408,15 @@ pub fn cpu_page_fault(va: u64, write: bool) -> bool {
         bump(&process.stats.cpu_faults);
     }
     resolved
+}
+
+/// Frame and writability of a user page a device may read (`user_page` is
+/// only the walk's shortcut: it may leave rare pages to `decode`).
+fn readable_user_page(view: PteView) -> Option<(u64, bool)> {
+    match view {
+        PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
+            Some((frame, flags.contains(LeafFlags::WRITE)))
+        }
+        _ => None,
+    }
 }

@@ -211,7 +211,7 @@ impl Process {
     pub fn translate(&self, va: u64) -> Option<(u64, bool)> {
         // SAFETY: our live root.
         let slot = unsafe { paging::slot(self.root, va, None) }.ok()?;
-        Sv39::user_page(slot.load(Ordering::Acquire))
+        readable_user_page(Sv39::decode(slot.load(Ordering::Acquire), 0))
     }
 
     /// Table frames under the user slots of the root (root excluded).
@@ -336,4 +336,15 @@ pub fn cpu_page_fault(va: u64, write: bool) -> bool {
         bump(&process.stats.cpu_faults);
     }
     resolved
+}
+
+/// Frame and writability of a user page a device may read (`user_page` is
+/// only the walk's shortcut: it may leave rare pages to `decode`).
+fn readable_user_page(view: PteView) -> Option<(u64, bool)> {
+    match view {
+        PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
+            Some((frame, flags.contains(LeafFlags::WRITE)))
+        }
+        _ => None,
+    }
 }
