@@ -8,7 +8,7 @@
 //! [`NotifierRegistry::read_begin`]: crate::NotifierRegistry::read_begin
 //! [`NotifierRegistry::read_retry`]: crate::NotifierRegistry::read_retry
 
-use crate::arch::{LeafFlags, PagingGeometry, PteFormat, PteView, SpecialEntry};
+use crate::arch::{PagingGeometry, PteFormat, PteView, SpecialEntry};
 use crate::notifier::Interval;
 use crate::pt::snapshot::{fill, Word};
 use crate::pt::{walk, Pfn, Span};
@@ -266,10 +266,10 @@ pub(crate) enum Class {
 
 /// Classifies a CPU entry for a device of `owner`.
 pub(crate) fn classify(entry: PteView, owner: Option<u16>) -> Class {
+    if let Some((frame, write)) = entry.user_frame() {
+        return Class::Valid { frame, write };
+    }
     match entry {
-        PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
-            Class::Valid { frame, write: flags.contains(LeafFlags::WRITE) }
-        }
         // A kernel-only or unreadable (execute-only) leaf inside a user
         // region, or a malformed entry.
         PteView::Leaf { .. } | PteView::Invalid(_) => Class::Error,

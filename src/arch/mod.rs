@@ -256,6 +256,21 @@ pub enum PteView {
     Invalid(u64),
 }
 
+impl PteView {
+    /// `Some((frame, writable))` for a leaf a device may use: one with
+    /// [`LeafFlags::READ`] and [`LeafFlags::USER`] (an execute-only or
+    /// kernel-only leaf is not). The one definition every walk applies.
+    #[inline]
+    pub fn user_frame(&self) -> Option<(u64, bool)> {
+        match *self {
+            PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
+                Some((frame, flags.contains(LeafFlags::WRITE)))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Converts raw entries of one page-table format to and from [`PteView`].
 ///
 /// # Safety
@@ -326,22 +341,16 @@ pub unsafe trait PteFormat {
     }
 
     /// The common case of a walk's inner loop, without building a
-    /// [`PteView`]: `Some((frame, writable))` only when `decode(raw, 0)` is a
-    /// [`PteView::Leaf`] with [`LeafFlags::READ`] and [`LeafFlags::USER`],
-    /// that frame, and [`LeafFlags::WRITE`] iff `writable`. `None` means
-    /// "decode it": a format may answer `None` for rare user pages (a frame
-    /// whose address bits need reassembling, an unusual memory type) to keep
-    /// its test one mask, but must answer `Some` for the ordinary ones
-    /// (contract item 6). A format overrides it with a direct test of its
-    /// bits; the default decodes.
+    /// [`PteView`]: if `Some`, exactly `decode(raw, 0)`'s
+    /// [`user_frame`](PteView::user_frame). `None` means "decode it": a
+    /// format may answer `None` for rare user pages (a frame whose address
+    /// bits need reassembling, an unusual memory type) to keep its test one
+    /// mask, but must answer `Some` for the ordinary ones (contract item 6).
+    /// A format overrides it with a direct test of its bits; the default
+    /// decodes.
     #[inline]
     fn user_page(raw: u64) -> Option<(u64, bool)> {
-        match Self::decode(raw, 0) {
-            PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
-                Some((frame, flags.contains(LeafFlags::WRITE)))
-            }
-            _ => None,
-        }
+        Self::decode(raw, 0).user_frame()
     }
 
     /// The barrier hmm-core issues after writing or clearing entries of a

@@ -151,11 +151,9 @@ impl<O: Fn(PteView) -> Word> Visitor for Filler<'_, O> {
 /// `other` says.
 #[inline]
 fn word_of<O: Fn(PteView) -> Word>(entry: PteView, other: &O) -> Word {
-    match entry {
-        PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
-            Word::Frame { frame, write: flags.contains(LeafFlags::WRITE) }
-        }
-        other_entry => other(other_entry),
+    match entry.user_frame() {
+        Some((frame, write)) => Word::Frame { frame, write },
+        None => other(entry),
     }
 }
 

@@ -3,6 +3,8 @@
 //! checks for one format.
 #![allow(dead_code)]
 
+pub mod contract;
+
 use hmm_core::arch::{LeafFlags, PteFormat, PteView, SpecialEntry};
 use hmm_core::Error;
 
