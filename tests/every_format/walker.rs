@@ -205,7 +205,11 @@ pub fn walker_restrictive_directory<F: Cpu>() {
     let old = word.load(Ordering::Acquire);
     let PteView::Table { frame, flags } = F::decode(old, 1) else { panic!("level 1 is a directory") };
     let Ok(no_write) = F::encode(&PteView::Table { frame, flags: flags - LeafFlags::WRITE }, 1) else {
-        // No permission bits in directories: leaves decide alone.
+        // No permission bits in directories: then every directory must
+        // grant everything, and leaves decide alone.
+        let all = LeafFlags::READ | LeafFlags::WRITE | LeafFlags::EXEC | LeafFlags::USER;
+        assert_eq!((flags, F::DIRECTORY), (all, all), "a directory that cannot be restricted restricts");
+        assert_snapshot_is_oracle(&space, r);
         return finish(alloc, space);
     };
     word.store(no_write, Ordering::Release);
