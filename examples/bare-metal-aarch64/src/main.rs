@@ -5,47 +5,44 @@
 //! faults, write-protect, unmap, each change bracketed by hmm-core's
 //! invalidation hooks and followed by `tlbi vae1is; dsb ish; isb`), and a
 //! device that reaches the process's memory only through its hmm-core
-//! `Mirror`. One core: the device runs between the CPU's steps. See
-//! README.md.
+//! `Mirror`. One core: the device runs between the CPU's steps. The
+//! process, the device, the frame pool and the shared checks are
+//! `hmm-demo-kernel`'s, shared with the riscv64 kernel; see README.md.
 //!
 //! Module map (one job each):
 //! * `boot`    — entry (EL2 -> EL1 if needed), vector table (assembly)
-//! * `uart`    — PL011 console, `print!`/`println!`
+//! * `uart`    — PL011 console output (`putc`)
 //! * `exit`    — semihosting SYS_EXIT: QEMU exit status 0 / 3
 //! * `sysreg`  — MAIR/TCR/TTBR/SCTLR, TLBI, PAN, VBAR, ESR/FAR/ELR, AT, counter
 //! * `trap`    — data aborts to the process, fault probes, fatal exceptions
-//! * `memory`  — frame pool (`BitmapFrameAllocator`), identity map
-//! * `paging`  — 48-bit tables with hmm-core's `Aarch64Va48` encoding
-//! * `process` — the address space: `hmm_core::AddressSpace`
-//! * `device`  — the device: `hmm_core::DeviceOps`, reads and writes
-//! * `demo`    — the checks, `PASS`/`FAIL` lines
+//! * `paging`  — the kernel half of the 48-bit tables, memory types
+//! * `cpu`     — `hmm_demo_kernel::Cpu` for `Aarch64Va48`
+//! * `checks`  — the aarch64-only checks (`mmu-live`, `at-s1e1w`, AT in
+//!   `write-protect`, `prot-none-hint`)
 
 #![no_std]
 #![no_main]
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(unsafe_op_in_unsafe_fn)]
 
-#[macro_use]
-mod uart;
-
 mod boot;
-mod demo;
-mod device;
+mod checks;
+mod cpu;
 mod exit;
-mod memory;
 mod paging;
-mod process;
 mod sysreg;
 mod trap;
+mod uart;
 
 use core::panic::PanicInfo;
 
+use hmm_demo_kernel::{Process, console, demo, memory, println};
 use spin::Once;
 
-use process::Process;
+use cpu::Aarch64Cpu;
 
 /// The demo's one process: static, so the trap handler may reach it.
-static PROCESS: Once<Process> = Once::new();
+static PROCESS: Once<Process<Aarch64Cpu>> = Once::new();
 
 /// Ends the run with a FAIL line.
 fn fail(what: &str) -> ! {
@@ -57,6 +54,7 @@ fn fail(what: &str) -> ! {
 /// level QEMU entered the kernel at (2: `_start` dropped to EL1).
 #[unsafe(no_mangle)]
 extern "C" fn kmain(boot_el: u64) -> ! {
+    console::set_putc(uart::putc);
     sysreg::set_vectors(boot::vectors);
     let el = sysreg::current_el();
     println!(
@@ -70,7 +68,10 @@ extern "C" fn kmain(boot_el: u64) -> ! {
     // SAFETY: the kernel root identity maps RAM (code, stack, tables, frame
     // pool) and the MMIO window with the memory types of `sysreg::MAIR`.
     unsafe { sysreg::enable_mmu(kernel_root) };
-    let frames = memory::init(boot::kernel_end()).unwrap_or_else(|e| fail(e));
+    // SAFETY: the kernel root, in every process root, identity maps RAM;
+    // the pool after the image is free RAM (the device tree QEMU passes
+    // sits below the image, at the start of RAM).
+    let frames = unsafe { memory::init(paging::RAM, boot::kernel_end()) }.unwrap_or_else(|e| fail(e));
     let process = Process::new(kernel_root, frames).unwrap_or_else(|_| fail("no frame for the process root"));
     let process = PROCESS.call_once(|| process);
     process.enter();
@@ -84,8 +85,7 @@ extern "C" fn kmain(boot_el: u64) -> ! {
     let (start, freq) = sysreg::counter();
     let report = demo::run(process, frames);
     let micros = (sysreg::counter().0 - start) * 1_000_000 / freq.max(1);
-    println!("{} passed, {} failed ({micros} us)", report.passed, report.failed);
-    exit::exit(report.failed == 0 && report.passed > 0)
+    exit::exit(report.close(micros))
 }
 
 #[panic_handler]

@@ -1,11 +1,13 @@
-//! The Rust half of the vector table (`boot::vectors`): data aborts on user
-//! addresses go to the running process's fault handler; a fault of a
+//! The Rust half of the vector table (`boot::vectors`): data aborts go to
+//! the process's fault handler ([`crate::PROCESS`]); a fault of a
 //! [`probe_load`] that nothing resolves is recorded and the load skipped;
 //! anything else is fatal (a FAIL line, QEMU exits with the failure status).
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::{exit, process, sysreg};
+use hmm_demo_kernel::println;
+
+use crate::{exit, sysreg};
 
 /// Vector slot: synchronous exception from the current EL with SP_ELx.
 const SLOT_SYNC_EL1H: u64 = 4;
@@ -57,7 +59,7 @@ extern "C" fn trap_handler(slot: u64) {
     }
     let fault = if slot == SLOT_SYNC_EL1H { page_fault(&trap) } else { None };
     if let Some((va, write)) = fault {
-        if !repeated(trap.elr, va) && process::cpu_page_fault(va, write) {
+        if !repeated(trap.elr, va) && crate::PROCESS.get().is_some_and(|p| p.cpu_page_fault(va, write)) {
             return; // `eret` retries the access through the new entry.
         }
         LAST_RESOLVED[0].store(0, Ordering::Relaxed);

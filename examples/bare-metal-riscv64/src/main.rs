@@ -4,46 +4,43 @@
 //! copy-on-write faults, write-protect, unmap, each change bracketed by
 //! hmm-core's invalidation hooks and followed by `sfence.vma`), and a device
 //! that reaches the process's memory only through its hmm-core `Mirror`.
-//! One hart: the device runs between the CPU's steps. See README.md.
+//! One hart: the device runs between the CPU's steps. The process, the
+//! device, the frame pool and the checks are `hmm-demo-kernel`'s, shared
+//! with the aarch64 kernel; see README.md.
 //!
 //! Module map (one job each):
 //! * `boot`    — entry from OpenSBI, trap vector (assembly)
-//! * `uart`    — ns16550a console, `print!`/`println!`
+//! * `uart`    — ns16550a console output (`putc`)
 //! * `exit`    — SiFive test finisher: QEMU exit status 0 / 3
 //! * `csr`     — satp, sfence.vma, sstatus.SUM, stvec, trap CSRs, time
 //! * `trap`    — page faults to the process, fault probes, fatal traps
-//! * `memory`  — frame pool (`BitmapFrameAllocator`), identity map
-//! * `paging`  — Sv39 tables with hmm-core's `Sv39` encoding
-//! * `process` — the address space: `hmm_core::AddressSpace`
-//! * `device`  — the device: `hmm_core::DeviceOps`, reads and writes
-//! * `demo`    — the checks, `PASS`/`FAIL` lines
+//! * `paging`  — the kernel half of the Sv39 tables (identity map)
+//! * `cpu`     — `hmm_demo_kernel::Cpu` for Sv39
+//! * `checks`  — the riscv64-only check (`sv39-live`)
 
 #![no_std]
 #![no_main]
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(unsafe_op_in_unsafe_fn)]
 
-#[macro_use]
-mod uart;
-
 mod boot;
+mod checks;
+mod cpu;
 mod csr;
-mod demo;
-mod device;
 mod exit;
-mod memory;
 mod paging;
-mod process;
 mod trap;
+mod uart;
 
 use core::panic::PanicInfo;
 
+use hmm_demo_kernel::{Process, console, demo, memory, println};
 use spin::Once;
 
-use process::Process;
+use cpu::Sv39Cpu;
 
 /// The demo's one process: static, so the trap handler may reach it.
-static PROCESS: Once<Process> = Once::new();
+static PROCESS: Once<Process<Sv39Cpu>> = Once::new();
 
 /// Ends the run with a FAIL line.
 fn fail(what: &str) -> ! {
@@ -54,9 +51,17 @@ fn fail(what: &str) -> ! {
 /// Called by `boot::_start` on the boot hart, paging off.
 #[unsafe(no_mangle)]
 extern "C" fn kmain(hart: u64, dtb: u64) -> ! {
+    console::set_putc(uart::putc);
     println!("hmm-core riscv64 demo: hart {hart}, device tree at {dtb:#x}, kernel ends at {:#x}", boot::kernel_end());
     csr::set_trap_vector(boot::trap_entry);
-    let frames = memory::init(boot::kernel_end(), dtb).unwrap_or_else(|e| fail(e));
+    let pool = boot::kernel_end();
+    // QEMU puts the device tree near the top of RAM: the pool must miss it.
+    if (pool..pool + memory::POOL_BYTES).contains(&dtb) {
+        fail("frame pool does not fit in RAM below the device tree");
+    }
+    // SAFETY: paging is off, and every table the kernel runs on maps RAM at
+    // VA = PA (`paging::kernel_root`); the pool after the image is free RAM.
+    let frames = unsafe { memory::init(paging::RAM, pool) }.unwrap_or_else(|e| fail(e));
     let kernel_root = paging::kernel_root(frames).unwrap_or_else(|| fail("no frame for the kernel root"));
     let process = Process::new(kernel_root, frames).unwrap_or_else(|_| fail("no frame for the process root"));
     let process = PROCESS.call_once(|| process);
@@ -66,8 +71,7 @@ extern "C" fn kmain(hart: u64, dtb: u64) -> ! {
     let start = csr::time();
     let report = demo::run(process, frames);
     let micros = (csr::time() - start) / 10;
-    println!("{} passed, {} failed ({micros} us)", report.passed, report.failed);
-    exit::exit(report.failed == 0 && report.passed > 0)
+    exit::exit(report.close(micros))
 }
 
 #[panic_handler]

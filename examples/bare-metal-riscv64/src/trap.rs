@@ -1,11 +1,13 @@
-//! The Rust half of the trap vector (`boot::trap_entry`): page faults on
-//! user addresses go to the running process's fault handler; a fault of a
+//! The Rust half of the trap vector (`boot::trap_entry`): page faults go to
+//! the process's fault handler ([`crate::PROCESS`]); a fault of a
 //! [`probe_load`] that nothing resolves is recorded and the load skipped;
 //! anything else is fatal (a FAIL line, QEMU exits with the failure status).
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::{csr, exit, process};
+use hmm_demo_kernel::println;
+
+use crate::{csr, exit};
 
 const LOAD_PAGE_FAULT: u64 = 13;
 const STORE_PAGE_FAULT: u64 = 15;
@@ -19,7 +21,8 @@ static PROBE_FAULT: AtomicU64 = AtomicU64::new(0);
 extern "C" fn trap_handler() {
     let trap = csr::trap();
     let page_fault = matches!(trap.cause, LOAD_PAGE_FAULT | STORE_PAGE_FAULT);
-    if page_fault && process::cpu_page_fault(trap.tval, trap.cause == STORE_PAGE_FAULT) {
+    let write = trap.cause == STORE_PAGE_FAULT;
+    if page_fault && crate::PROCESS.get().is_some_and(|p| p.cpu_page_fault(trap.tval, write)) {
         return; // `sret` retries the access through the new entry.
     }
     if page_fault && PROBING.load(Ordering::Relaxed) {

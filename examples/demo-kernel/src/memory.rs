@@ -1,48 +1,53 @@
 //! Physical memory: the frame pool (hmm-core's [`BitmapFrameAllocator`] over
-//! 8 MiB of RAM right after the kernel image) and the identity map through
-//! which the kernel, hmm-core and the device reach every frame.
+//! 8 MiB of RAM the kernel hands over, right after its image) and the
+//! identity map through which the kernel, hmm-core and the device reach
+//! every frame.
 
+use core::ops::Range;
 use core::sync::atomic::AtomicU64;
 
 use hmm_core::{BitmapFrameAllocator, FRAME_SIZE, FrameAllocator, OffsetPhysMem};
 use spin::Once;
 
-/// RAM of QEMU virt with `-m 128M`.
-pub const RAM_START: u64 = 0x8000_0000;
-/// First address past RAM.
-pub const RAM_END: u64 = RAM_START + (128 << 20);
 /// Frames in the pool (8 MiB).
 const POOL_FRAMES: usize = 2048;
+/// Bytes of the pool.
+pub const POOL_BYTES: u64 = POOL_FRAMES as u64 * FRAME_SIZE;
 /// What a freed frame is filled with, so a stale access reads nonsense.
 pub const POISON: u64 = 0xdead_beef_dead_beef;
 
 static BITS: [AtomicU64; POOL_FRAMES / 64] = [const { AtomicU64::new(0) }; POOL_FRAMES / 64];
 static POOL: Once<BitmapFrameAllocator<'static>> = Once::new();
+/// All of RAM, for the debug check of [`words`].
+static RAM: Once<Range<u64>> = Once::new();
 
 /// The frame allocator type of the kernel.
 pub type Frames = BitmapFrameAllocator<'static>;
 
-/// Sets up the pool after the image at `image_end`, which must stay clear of
-/// the device tree at `dtb` (QEMU puts it near the top of RAM).
-pub fn init(image_end: u64, dtb: u64) -> Result<&'static Frames, &'static str> {
-    let end = image_end + POOL_FRAMES as u64 * FRAME_SIZE;
-    if end > RAM_END || (image_end..end).contains(&dtb) {
-        return Err("frame pool does not fit in RAM below the device tree");
+/// Sets up the pool at `start`, which must leave room for it in `ram`.
+///
+/// # Safety
+/// All of `ram` is identity mapped (or paging is off) from now on, in
+/// every table the kernel runs on; the pool is free RAM nothing else uses.
+pub unsafe fn init(ram: Range<u64>, start: u64) -> Result<&'static Frames, &'static str> {
+    if start < ram.start || start + POOL_BYTES > ram.end {
+        return Err("frame pool does not fit in RAM");
     }
-    let pool = BitmapFrameAllocator::new(image_end, POOL_FRAMES, &BITS).map_err(|_| "bad frame pool")?;
+    RAM.call_once(|| ram);
+    let pool = BitmapFrameAllocator::new(start, POOL_FRAMES, &BITS).map_err(|_| "bad frame pool")?;
     Ok(POOL.call_once(|| pool))
 }
 
-/// The identity map: RAM is mapped at its physical address (see `paging`).
+/// The identity map: RAM is mapped at its physical address.
 pub fn phys() -> OffsetPhysMem {
-    // SAFETY: `paging::kernel_root` maps all of RAM at VA = PA in every
-    // table the kernel runs on, and paging is off before that.
+    // SAFETY: the caller of `init` guaranteed the identity map of RAM, and
+    // hmm-core only reaches frames of the pool and tables in RAM.
     unsafe { OffsetPhysMem::new(0) }
 }
 
 /// Pointer to the 512 words of frame `pa`.
 pub fn words(pa: u64) -> *mut u64 {
-    debug_assert!((RAM_START..RAM_END).contains(&pa) && pa.is_multiple_of(FRAME_SIZE));
+    debug_assert!(pa.is_multiple_of(FRAME_SIZE) && RAM.get().is_none_or(|ram| ram.contains(&pa)));
     pa as *mut u64
 }
 
