@@ -174,7 +174,7 @@ impl<C: Cpu> Process<C> {
     /// The CPU translation of `va`: frame and writability, read from the
     /// live table with hmm-core's decoding.
     pub fn translate(&self, va: u64) -> Option<(u64, bool)> {
-        readable_user_page(C::Format::decode(self.raw(va)?, 0))
+        C::Format::decode(self.raw(va)?, 0).user_frame()
     }
 
     /// The raw level-0 entry of `va`, if its tables exist.
@@ -241,16 +241,5 @@ unsafe impl<C: Cpu> AddressSpace for Process<C> {
             return Err(Error::Perm);
         }
         pages(range).try_for_each(|va| self.fault_page(&region, va, write))
-    }
-}
-
-/// Frame and writability of a user page a device may read (`user_page` is
-/// only the walk's shortcut: it may leave rare pages to `decode`).
-fn readable_user_page(view: PteView) -> Option<(u64, bool)> {
-    match view {
-        PteView::Leaf { frame, flags } if flags.contains(LeafFlags::READ | LeafFlags::USER) => {
-            Some((frame, flags.contains(LeafFlags::WRITE)))
-        }
-        _ => None,
     }
 }
